@@ -1,0 +1,263 @@
+"""Loading Qwen3 checkpoints: a local Hugging Face folder, a local MLX folder, or a Hub repo id.
+
+Design decisions:
+- Lazy all the way: `mx.load` maps safetensors without reading them, quantization is built lazily, and
+  parameters are evaluated one layer at a time, so quantizing on load peaks near the quantized size plus
+  one full-precision layer, never at the full-precision model's size.
+- Every safetensors header is checked against its file before anything is read (sizes, offsets, dtypes),
+  so a truncated or corrupt download is named, with the file, instead of failing deep inside MLX.
+- Pickle checkpoints (`*.bin`, `*.pt`) are refused: unpickling runs arbitrary code.
+- Hub downloads go through `huggingface_hub.snapshot_download` with only the files a Qwen3 runtime needs,
+  its own progress bars and cache, and its offline mode (`HF_HUB_OFFLINE=1`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .config import ModelArgs
+from .errors import QwenMLXError
+from .memory import check_fits
+from .model import Model
+from .quant import apply_saved_quantization, check_bits, quantize_model
+
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "merges.txt", "vocab.json", "tokenizer.model"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MAX_HEADER_BYTES = 100 << 20
+
+SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+}
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def resolve_model_path(path_or_repo: str | Path, revision: str | None = None) -> Path:
+    """A local folder as it is; a Hub repo id downloaded (or found in the cache) with huggingface_hub."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise QwenMLXError(f"{path} is a file; pass the model folder that holds config.json")
+    text = str(path_or_repo)
+    if not REPO_ID.match(text) or text.startswith((".", "~")):
+        raise QwenMLXError(f"no model folder at {path}, and {text!r} is not a Hugging Face repo id (owner/name)")
+    return _download(text, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+    except GatedRepoError:
+        raise QwenMLXError(f"{repo_id} is gated: accept its terms on the Hub and log in with `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise QwenMLXError(
+            f"Hugging Face repo {repo_id!r} was not found (check the name; private repos need `hf auth login`)"
+        ) from None
+    except RevisionNotFoundError:
+        raise QwenMLXError(f"{repo_id} has no revision {revision!r}") from None
+    except LocalEntryNotFoundError:
+        raise QwenMLXError(
+            f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be reached (no network, or "
+            "HF_HUB_OFFLINE=1); download it once while online, or pass a local folder"
+        ) from None
+    except (HfHubHTTPError, OSError) as error:
+        raise QwenMLXError(f"could not download {repo_id}: {error}") from None
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise QwenMLXError(f"{path} has no config.json; is this a model folder?")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise QwenMLXError(f"{config_file} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise QwenMLXError(f"{config_file} must hold a JSON object")
+    return config
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files holding the weights, checked against the shard index when there is one."""
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise QwenMLXError(f"{index_file} is not a valid shard index (expected a 'weight_map' object)") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise QwenMLXError(f"shard {file.name} named in {index_file.name} is missing from {path}")
+        return files
+    files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise QwenMLXError(
+            f"{path} holds only pickle weights ({', '.join(pickles)}), which are refused because loading them "
+            "can run arbitrary code; convert them to safetensors first (transformers: "
+            "model.save_pretrained(folder, safe_serialization=True))"
+        )
+    raise QwenMLXError(f"{path} has no *.safetensors weights")
+
+
+def check_safetensors(file: Path) -> dict[str, tuple[str, list[int]]]:
+    """Validate a safetensors file's header against its size; return {tensor: (dtype, shape)}."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if header_len < 2 or header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise QwenMLXError(f"{file} is not a valid safetensors file (truncated or corrupt header)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise QwenMLXError(f"{file} is not a valid safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise QwenMLXError(f"{file} is not a valid safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    tensors, end = {}, 0
+    for name, info in header.items():
+        try:
+            dtype, shape, (start, stop) = info["dtype"], info["shape"], info["data_offsets"]
+            expected = math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise QwenMLXError(f"{file}: tensor {name} has a malformed header entry") from None
+        if stop - start != expected or start < 0:
+            raise QwenMLXError(f"{file}: tensor {name} has {stop - start} bytes for shape {shape} {dtype}")
+        tensors[name] = (dtype, shape)
+        end = max(end, stop)
+    if 8 + header_len + end > size:
+        raise QwenMLXError(
+            f"{file} is truncated: its header describes {8 + header_len + end} bytes but the file has {size}; "
+            "download or convert it again"
+        )
+    return tensors
+
+
+def read_weights(path: Path) -> dict[str, mx.array]:
+    """All tensors of a checkpoint folder as lazy MLX arrays (nothing is read until evaluated)."""
+    weights: dict[str, mx.array] = {}
+    for file in weight_files(path):
+        names = check_safetensors(file)
+        if dtypes := {d for d, _ in names.values() if d.startswith("F8")}:
+            raise QwenMLXError(
+                f"{file} holds {'/'.join(sorted(dtypes))} weights; convert the checkpoint first with "
+                "`python -m qwen_mlx.convert`"
+            )
+        try:
+            arrays = mx.load(str(file))
+        except (RuntimeError, ValueError) as error:
+            raise QwenMLXError(f"{file} could not be read as safetensors ({error})") from None
+        if duplicates := sorted(weights.keys() & arrays.keys()):
+            raise QwenMLXError(f"tensor {duplicates[0]} appears in more than one shard ({file.name} and another)")
+        weights.update(arrays)
+    return weights
+
+
+def check_weights(model: Model, weights: dict[str, mx.array], path: Path) -> None:
+    """Every parameter present with its expected shape, and nothing the config does not explain."""
+    expected = dict(tree_flatten(model.parameters()))
+    if missing := sorted(expected.keys() - weights.keys()):
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise QwenMLXError(f"{path}: tensor {missing[0]} is missing{more}; the weights do not match config.json")
+    if unexpected := sorted(weights.keys() - expected.keys()):
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise QwenMLXError(f"{path}: unexpected tensor {unexpected[0]}{more}; the weights do not match config.json")
+    for name, value in expected.items():
+        if tuple(weights[name].shape) != tuple(value.shape):
+            raise QwenMLXError(
+                f"{path}: tensor {name} has shape {tuple(weights[name].shape)}, expected {tuple(value.shape)} "
+                "from config.json"
+            )
+
+
+def load(
+    path_or_repo: str | Path,
+    *,
+    quantize: int | None = None,
+    group_size: int = 64,
+    dtype: str | None = None,
+    revision: str | None = None,
+    lazy: bool = False,
+) -> Model:
+    """Load a Qwen3 model; `quantize=4|8` quantizes a full-precision checkpoint on the way in.
+
+    The returned model carries `config` (the config dict, with its `quantization` block) and `path`
+    (the folder it came from, where the tokenizer and chat template live).
+    """
+    if quantize is not None:
+        check_bits(quantize, group_size)
+    if dtype is not None and dtype not in DTYPES:
+        raise QwenMLXError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    path = resolve_model_path(path_or_repo, revision)
+    config = read_config(path)
+    args = ModelArgs.from_dict(config, source=str(path / "config.json"))
+    model = Model(args)
+
+    weights = model.sanitize(read_weights(path))
+    if saved := config.get("quantization"):
+        if quantize is not None:
+            raise QwenMLXError(
+                f"{path} is already quantized; load it as it is, or re-quantize it with `python -m qwen_mlx.convert`"
+            )
+        if not isinstance(saved, dict):
+            raise QwenMLXError(f"{path / 'config.json'}: 'quantization' must be an object")
+        apply_saved_quantization(model, saved, weights, str(path / "config.json"))
+    check_weights(model, weights, path)
+    if dtype is not None:
+        weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=False)
+    # Drop our references so each full-precision tensor is freed once its layer is evaluated.
+    weights.clear()
+
+    if quantize is not None:
+        config = dict(config, quantization=quantize_model(model, quantize, group_size))
+        config["quantization_config"] = config["quantization"]
+    model.config, model.path = config, path
+    if not lazy:
+        evaluate(model)
+    check_fits(model)
+    return model
+
+
+def evaluate(model: Model) -> None:
+    """Materialise the parameters one layer at a time, bounding the peak when quantizing on load."""
+    for child in model.model.children().values():
+        parts = child if isinstance(child, list) else [child]
+        for part in parts:
+            mx.eval(part.parameters())
+    mx.eval(model.parameters())

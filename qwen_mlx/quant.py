@@ -1,0 +1,116 @@
+"""Affine quantization of Qwen3 weights with MLX's own quantized layers, in mlx-lm's on-disk format.
+
+Design decisions:
+- MLX's `nn.quantize`, `QuantizedLinear`/`QuantizedEmbedding` and `mx.gather_qmm` do the work; this
+  module only decides which module gets which bits and records it the way mlx-lm does: a `quantization`
+  block `{"group_size", "bits", "mode", "<module path>": {...}}`, where a per-module entry overrides the
+  default (an entry without `mode` is affine).
+- Like mlx-lm, a module whose input width is not a multiple of the group size stays in full precision,
+  and the MoE router (`mlp.gate`) is kept at 8 bits, group 64: routing decisions are the most
+  quantization-sensitive part of the model and the router is tiny.
+- Loading follows mlx-lm's rule: a module is quantized when the block names it or its `.scales` tensor
+  is on disk, with bits and group size read back from the tensor shapes where the block is silent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .errors import QwenMLXError
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+ROUTER_QUANTIZATION = {"group_size": 64, "bits": 8}
+
+# A recipe maps a module path to True (the default bits), False (keep full precision) or a
+# {"bits", "group_size"} dict.
+Recipe = Callable[[str], "bool | dict[str, Any]"]
+
+
+def check_bits(bits: int, group_size: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise QwenMLXError(f"cannot quantize to {bits} bits; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise QwenMLXError(
+            f"group size {group_size} is not supported; choose one of {', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
+        )
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(k.endswith(".scales") for k, _ in tree_flatten(model.parameters()))
+
+
+def quantize_model(model: nn.Module, bits: int, group_size: int = 64, recipe: Recipe | None = None) -> dict:
+    """Quantize `model` in place (lazily) and return its config's `quantization` block."""
+    check_bits(bits, group_size)
+    block: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        if not hasattr(module, "to_quantized"):
+            return False
+        choice = recipe(path) if recipe else True
+        if path.endswith("mlp.gate"):
+            choice = dict(ROUTER_QUANTIZATION)
+        if choice is False:
+            return False
+        if isinstance(choice, dict):
+            if module.weight.shape[-1] % choice["group_size"]:
+                return False
+            block[path] = dict(choice)
+            return dict(choice)
+        return module.weight.shape[-1] % group_size == 0
+
+    nn.quantize(model, group_size, bits, mode="affine", class_predicate=predicate)
+    return block
+
+
+def apply_saved_quantization(model: nn.Module, block: dict, weights: dict[str, mx.array], source: str) -> None:
+    """Replace the modules that are quantized on disk by quantized ones with the saved shapes."""
+    mode = block.get("mode", "affine")
+    if mode != "affine" or "group_size" not in block or "bits" not in block:
+        raise QwenMLXError(
+            f"{source}: quantization {block!r} is not supported; qwen-mlx reads affine quantization "
+            "(mode 'affine' with group_size and bits), as written by mlx-lm and qwen-mlx"
+        )
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        if path in block:
+            entry = block[path]
+            if isinstance(entry, dict) and entry.get("mode", "affine") != "affine":
+                raise QwenMLXError(
+                    f"{source}: module {path} uses quantization mode {entry['mode']!r}; only affine is supported"
+                )
+            return entry
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        # Bits and group size follow from the packed shapes (mlx-lm's inference for unlisted modules).
+        in_dims = module.weight.shape[-1]
+        group_size = in_dims // weights[f"{path}.scales"].shape[-1]
+        bits = weights[f"{path}.weight"].shape[-1] * 32 // in_dims
+        return {"group_size": group_size, "bits": bits}
+
+    nn.quantize(model, block["group_size"], block["bits"], mode="affine", class_predicate=predicate)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Logical parameters, counting each packed quantized weight at its unpacked size."""
+    total = 0
+    for _, module in model.named_modules():
+        for name, value in module.items():
+            if not isinstance(value, mx.array) or name in ("scales", "biases"):
+                continue
+            if name == "weight" and hasattr(module, "bits") and "scales" in module:
+                total += value.size * 32 // module.bits
+            else:
+                total += value.size
+    return total
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    return nbytes * 8 / parameter_count(model)

