@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .config import ModelArgs
 from .errors import QwenMLXError
 from .quant import parameter_count
 
@@ -50,11 +51,19 @@ def make_shards(weights: dict[str, mx.array], max_bytes: int = MAX_SHARD_BYTES) 
     return shards
 
 
-def export_config(config: dict[str, Any], num_experts: int = 0) -> dict[str, Any]:
-    """The config as mlx-lm writes it (sorted, `quantization_config` mirroring `quantization`)."""
+def export_config(config: dict[str, Any], args: ModelArgs) -> dict[str, Any]:
+    """The config as mlx-lm writes it (sorted, `quantization_config` mirroring `quantization`).
+
+    The settings mlx-lm reads only under their transformers 4.x names are written under those names too,
+    so a folder converted from a transformers 5 checkpoint still loads in `mlx_lm.load`.
+    """
     config = {k: v for k, v in config.items() if k != "_name_or_path"}
-    if num_experts:
-        config["num_experts"] = num_experts  # mlx-lm reads this name; transformers 5 writes num_local_experts
+    if args.num_experts:
+        config["num_experts"] = args.num_experts  # transformers 5 writes num_local_experts
+    if config.get("rope_theta") is None:
+        config["rope_theta"] = args.rope_theta
+    if config.get("rope_scaling") is None and args.rope_type != "default":
+        config["rope_scaling"] = args.rope_scaling
     if "quantization" in config:
         config["quantization_config"] = config["quantization"]
     else:
@@ -87,7 +96,7 @@ def write_folder(out: Path, write, overwrite: bool = False) -> Path:
 def save(model: nn.Module, out: str | Path, *, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write `model` (quantized or not) to the folder `out` in mlx-lm's format; return the folder."""
     weights = dict(tree_flatten(model.parameters()))
-    config = export_config(getattr(model, "config", {}), getattr(model.args, "num_experts", 0))
+    config = export_config(getattr(model, "config", {}), model.args)
     source = getattr(model, "path", None)
 
     def write(folder: Path) -> None:
