@@ -139,11 +139,13 @@ def _build(
     seed: int,
     hub_layout: bool = False,
     max_shard_size: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     torch.manual_seed(seed)
     model_class = Qwen3MoeForCausalLM if isinstance(config, Qwen3MoeConfig) else Qwen3ForCausalLM
     model = model_class(config).to(torch.float32).eval()
     _perturb_norms(model)
+    model = model.to(dtype)
     out.mkdir(parents=True, exist_ok=True)
     save_kwargs: dict[str, Any] = {"safe_serialization": True}
     if max_shard_size is not None:
@@ -157,10 +159,16 @@ def _build(
         raise AssertionError(f"{out}: expected several safetensors shards")
 
 
-def _dense(seed: int, hub_layout: bool = False, max_shard_size: str | None = None, **overrides: Any) -> Builder:
+def _dense(
+    seed: int,
+    hub_layout: bool = False,
+    max_shard_size: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+) -> Builder:
     def build(out: Path) -> None:
         config = Qwen3Config(**_common(**overrides))
-        _build(out, config, seed=seed, hub_layout=hub_layout, max_shard_size=max_shard_size)
+        _build(out, config, seed=seed, hub_layout=hub_layout, max_shard_size=max_shard_size, dtype=dtype)
 
     return build
 
@@ -182,6 +190,9 @@ VARIANTS: dict[str, Builder] = {
     "dense_yarn_legacy": _dense(seed=4, hub_layout=True, rope_parameters=_yarn()),
     # Every linear input is a multiple of 128, so group size 128 quantizes every layer.
     "dense_wide": _dense(seed=5, hidden_size=128, intermediate_size=256, head_dim=32),
+    # Half-precision checkpoints, as most Hub repos ship (bf16) and some older ones (fp16).
+    "dense_bf16": _dense(seed=6, dtype=torch.bfloat16),
+    "dense_fp16": _dense(seed=7, dtype=torch.float16),
     "moe_norm_topk": _sparse(seed=11, norm_topk_prob=True),
     "moe_no_norm_topk": _sparse(seed=12, norm_topk_prob=False, num_experts=8),
     # 3 and 4 layers so that mlp_only_layers and decoder_sparse_step give different layer patterns.

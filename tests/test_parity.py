@@ -7,11 +7,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import mlx.core as mx
+import mlx_lm
 import numpy as np
 import pytest
 from fixtures import LEGACY_TWINS, VARIANTS
 
 import qwen_mlx
+from qwen_mlx.loader import check_safetensors
 
 # Both sides run float32. Two tiny layers accumulate ~1e-6..1e-5 of summation-order noise on logits of a
 # few units; a wrong rotation, norm or routing weight moves them by 1e-2 or more.
@@ -25,7 +27,7 @@ UNEVEN_CHUNKS = (7, 1, 13, 2, 5)
 
 def logits_of(model: qwen_mlx.Model, batch: Sequence[Sequence[int]], cache: list | None = None) -> np.ndarray:
     out = model(mx.array(batch), cache=cache) if cache is not None else model(mx.array(batch))
-    assert out.dtype == mx.float32, f"float32 checkpoint gave {out.dtype} logits"
+    assert out.dtype == mx.float32, f"float32 weights gave {out.dtype} logits"
     return np.array(out)
 
 
@@ -47,7 +49,11 @@ def decode_in_chunks(model: qwen_mlx.Model, ids: Sequence[int], chunk_sizes: Seq
     return np.concatenate(pieces, axis=1)
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+HALF_PRECISION = {"dense_bf16": (mx.bfloat16, "BF16"), "dense_fp16": (mx.float16, "F16")}
+FULL_PRECISION = [name for name in VARIANTS if name not in HALF_PRECISION]
+
+
+@pytest.mark.parametrize("name", FULL_PRECISION)
 def test_logits_match_transformers(name: str, checkpoint, prompt_ids, torch_logits) -> None:
     path = checkpoint(name)
     ours = logits_of(qwen_mlx.load(path), [prompt_ids])
@@ -56,6 +62,27 @@ def test_logits_match_transformers(name: str, checkpoint, prompt_ids, torch_logi
     assert np.std(reference) > 0.5
     diff = max_abs_diff(ours, reference)
     assert diff <= TOLERANCE, f"{name}: max |Δ| = {diff:.3g} > {TOLERANCE}"
+
+
+@pytest.mark.parametrize("name", list(HALF_PRECISION))
+def test_half_precision_checkpoints(name: str, checkpoint, prompt_ids, torch_logits) -> None:
+    # transformers upcasts the stored weights to float32 exactly; so do we with dtype="float32".
+    path = checkpoint(name)
+    dtype, stored = HALF_PRECISION[name]
+    assert {d for d, _ in check_safetensors(path / "model.safetensors").values()} == {stored}
+    reference = torch_logits(path, [prompt_ids])
+    upcast = logits_of(qwen_mlx.load(path, dtype="float32"), [prompt_ids])
+    diff = max_abs_diff(upcast, reference)
+    assert diff <= TOLERANCE, f"{name} upcast to float32: max |Δ| = {diff:.3g} > {TOLERANCE}"
+    # Loaded as stored, the model computes in its own precision, as mlx-lm does: its logits are the oracle
+    # there (torch's float32 ones differ by the half-precision rounding, ~0.1 in bfloat16).
+    model = qwen_mlx.load(path)
+    native = model(mx.array([prompt_ids]))
+    assert native.dtype == dtype and model.model.embed_tokens.weight.dtype == dtype
+    mlx_lm_model, _ = mlx_lm.load(str(path))
+    reference = np.array(mlx_lm_model(mx.array([prompt_ids])).astype(mx.float32))
+    diff = max_abs_diff(np.array(native.astype(mx.float32)), reference)
+    assert diff <= 1e-3, f"{name} computed in {dtype}: max |Δ| against mlx-lm = {diff:.3g}"
 
 
 @pytest.mark.parametrize("name", YARN_VARIANTS)

@@ -159,3 +159,19 @@ def test_quantizing_on_load_never_holds_the_full_model(checkpoint) -> None:
     # Two 78 MB embedding matrices dominate: one at a time is materialised, then packed to 4 bits.
     assert quantized_bytes < 0.2 * full_bytes
     assert peak < 0.75 * full_bytes, f"peak {peak / 1e6:.0f} MB for a {full_bytes / 1e6:.0f} MB checkpoint"
+
+
+@pytest.mark.parametrize("name", ["dense_untied", "moe_yarn"])
+def test_full_precision_save_round_trips(name, checkpoint, prompt_ids, tmp_path) -> None:
+    # An unquantized MLX folder: the same weights back, YaRN settings kept (mlx-lm's MoE drops them, so
+    # only the dense folder is compared with mlx-lm).
+    model = qwen_mlx.load(checkpoint(name))
+    expected = logits_of(model, prompt_ids)
+    out = qwen_mlx.save(model, tmp_path / "saved")
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization" not in config and "quantization_config" not in config
+    assert (out / "tokenizer.json").is_file()
+    np.testing.assert_array_equal(logits_of(qwen_mlx.load(out), prompt_ids), expected)
+    if name.startswith("dense"):
+        reference, _ = mlx_lm_load(str(out))
+        assert_same_logits(logits_of(reference, prompt_ids), expected, f"{name}: loaded by mlx_lm")
