@@ -76,10 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
     info_parser.add_argument("--revision", help="a branch, tag or commit of a Hub repo")
     info_parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     info_parser.set_defaults(handler=info)
+
+    # Parsed by the converter's own parser (see main); listed here so `qwen-mlx --help` shows it.
+    commands.add_parser(
+        "convert",
+        add_help=False,
+        help="convert a Hugging Face checkpoint into an MLX folder, quantized (qwen-mlx convert --help)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["convert"]:
+        from .convert.cli import main as convert_main
+
+        return convert_main(argv[1:], prog="qwen-mlx convert")
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -168,12 +168,15 @@ def check_safetensors(file: Path) -> dict[str, tuple[str, list[int]]]:
     return tensors
 
 
-def read_weights(path: Path) -> dict[str, mx.array]:
-    """All tensors of a checkpoint folder as lazy MLX arrays (nothing is read until evaluated)."""
+def read_weights(path: Path, allow_fp8: bool = False) -> dict[str, mx.array]:
+    """All tensors of a checkpoint folder as lazy MLX arrays (nothing is read until evaluated).
+
+    FP8 tensors come back as their raw bytes (uint8) when `allow_fp8`; the converter decodes them.
+    """
     weights: dict[str, mx.array] = {}
     for file in weight_files(path):
         names = check_safetensors(file)
-        if dtypes := {d for d, _ in names.values() if d.startswith("F8")}:
+        if not allow_fp8 and (dtypes := {d for d, _ in names.values() if d.startswith("F8")}):
             raise QwenMLXError(
                 f"{file} holds {'/'.join(sorted(dtypes))} weights; convert the checkpoint first with "
                 "`python -m qwen_mlx.convert`"

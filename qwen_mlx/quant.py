@@ -45,27 +45,38 @@ def is_quantized(model: nn.Module) -> bool:
     return any(k.endswith(".scales") for k, _ in tree_flatten(model.parameters()))
 
 
-def quantize_model(model: nn.Module, bits: int, group_size: int = 64, recipe: Recipe | None = None) -> dict:
-    """Quantize `model` in place (lazily) and return its config's `quantization` block."""
+def quantization_plan(
+    model: nn.Module, bits: int, group_size: int = 64, recipe: Recipe | None = None
+) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
+    """Decide each module's quantization without touching weights.
+
+    Returns the config's `quantization` block and `{module path: {"group_size", "bits"}}` for every module
+    to quantize. The model may be lazy (never evaluated): only parameter shapes are read.
+    """
     check_bits(bits, group_size)
     block: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
-
-    def predicate(path: str, module: nn.Module) -> bool | dict:
+    plan: dict[str, dict[str, int]] = {}
+    for path, module in model.named_modules():
         if not hasattr(module, "to_quantized"):
-            return False
+            continue
         choice = recipe(path) if recipe else True
         if path.endswith("mlp.gate"):
             choice = dict(ROUTER_QUANTIZATION)
         if choice is False:
-            return False
+            continue
+        params = choice if isinstance(choice, dict) else block
+        if module.weight.shape[-1] % params["group_size"]:
+            continue
         if isinstance(choice, dict):
-            if module.weight.shape[-1] % choice["group_size"]:
-                return False
             block[path] = dict(choice)
-            return dict(choice)
-        return module.weight.shape[-1] % group_size == 0
+        plan[path] = {"group_size": params["group_size"], "bits": params["bits"]}
+    return block, plan
 
-    nn.quantize(model, group_size, bits, mode="affine", class_predicate=predicate)
+
+def quantize_model(model: nn.Module, bits: int, group_size: int = 64, recipe: Recipe | None = None) -> dict:
+    """Quantize `model` in place (lazily) and return its config's `quantization` block."""
+    block, plan = quantization_plan(model, bits, group_size, recipe)
+    nn.quantize(model, group_size, bits, mode="affine", class_predicate=lambda path, _: plan.get(path, False))
     return block
 
 

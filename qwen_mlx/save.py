@@ -11,8 +11,10 @@ place only when complete, so a failure never leaves a half-written model behind.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,10 @@ def write_folder(out: Path, write, overwrite: bool = False) -> Path:
         raise QwenMLXError(f"{out} already exists and is not empty; choose another folder or allow overwriting")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # mkdtemp makes the folder private (0700); the result should get the usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         write(tmp)
         if out.exists():
@@ -93,32 +99,72 @@ def write_folder(out: Path, write, overwrite: bool = False) -> Path:
     return out
 
 
+def write_weights(
+    folder: Path,
+    weights: dict[str, mx.array],
+    total_parameters: int,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    on_tensor: Callable[[str, mx.array], None] | None = None,
+) -> None:
+    """Write mlx-lm's shards and index into `folder`, emptying `weights` as it goes.
+
+    The arrays may be lazy: each shard is evaluated tensor by tensor (`on_tensor` is called after each,
+    e.g. to advance a progress bar), written, and released before the next, so peak memory is about one
+    shard plus the inputs its tensors are computed from.
+    """
+    total_size = sum(v.nbytes for v in weights.values())
+    shards = make_shards(weights, max_shard_bytes)
+    weights.clear()
+    pattern = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+    weight_map = {}
+    for i in range(len(shards)):
+        shard, shards[i] = shards[i], {}
+        name = pattern.format(i + 1, len(shards))
+        for tensor, value in shard.items():
+            mx.eval(value)
+            if on_tensor is not None:
+                on_tensor(tensor, value)
+        mx.save_safetensors(str(folder / name), shard, metadata={"format": "mlx"})
+        weight_map.update(dict.fromkeys(shard, name))
+        del shard
+        mx.clear_cache()
+    index = {
+        "metadata": {"total_size": total_size, "total_parameters": total_parameters},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4), encoding="utf-8")
+
+
+def write_config(folder: Path, config: dict[str, Any]) -> None:
+    (folder / "config.json").write_text(json.dumps(config, indent=4), encoding="utf-8")
+
+
+def copy_companions(source: Path | None, folder: Path) -> None:
+    """Copy the tokenizer, chat template and generation defaults that sit beside the weights."""
+    if source is None:
+        return
+    source = Path(source)
+    for name in COMPANION_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+    # transformers 5 and mlx-lm keep the chat template in its own file; older repos inline it.
+    if not (folder / "chat_template.jinja").exists() and (folder / "tokenizer_config.json").is_file():
+        try:
+            template = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            template = None
+        if isinstance(template, str):
+            (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+
+
 def save(model: nn.Module, out: str | Path, *, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write `model` (quantized or not) to the folder `out` in mlx-lm's format; return the folder."""
-    weights = dict(tree_flatten(model.parameters()))
     config = export_config(getattr(model, "config", {}), model.args)
-    source = getattr(model, "path", None)
 
     def write(folder: Path) -> None:
-        shards = make_shards(weights, max_shard_bytes)
-        pattern = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            name = pattern.format(i, len(shards))
-            mx.save_safetensors(str(folder / name), shard, metadata={"format": "mlx"})
-            weight_map.update(dict.fromkeys(shard, name))
-        index = {
-            "metadata": {
-                "total_size": sum(v.nbytes for v in weights.values()),
-                "total_parameters": parameter_count(model),
-            },
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4), encoding="utf-8")
-        (folder / "config.json").write_text(json.dumps(config, indent=4), encoding="utf-8")
-        if source is not None:
-            for name in COMPANION_FILES:
-                if (Path(source) / name).is_file():
-                    shutil.copy2(Path(source) / name, folder / name)
+        weights = dict(tree_flatten(model.parameters()))
+        write_weights(folder, weights, parameter_count(model), max_shard_bytes)
+        write_config(folder, config)
+        copy_companions(getattr(model, "path", None), folder)
 
     return write_folder(Path(out), write, overwrite=overwrite)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -208,6 +209,18 @@ VARIANTS: dict[str, Builder] = {
 LEGACY_TWINS: dict[str, str] = {"dense_yarn_legacy": "dense_yarn"}
 
 
+SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_cache_with(folder: Path, cache: Path, repo_id: str) -> Path:
+    """Lay `folder` out as huggingface_hub's cache holds a downloaded snapshot of `repo_id`."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / SNAPSHOT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(SNAPSHOT)
+    return repo / "snapshots" / SNAPSHOT
+
+
 def build_checkpoint(name: str, out: Path) -> Path:
     """Build the named variant into `out` (created) and return it."""
     if name not in VARIANTS:
@@ -224,3 +237,54 @@ if __name__ == "__main__":
     parser.add_argument("out", type=Path, help="folder to create")
     cli = parser.parse_args()
     print(build_checkpoint(cli.variant, cli.out))
+
+
+FP8_LINEAR = re.compile(r"\.layers\.\d+\.(self_attn|mlp)\.(experts\.\d+\.)?\w+_proj\.weight$")
+FP8_BLOCK = 128
+FP8_MAX = 448.0
+
+
+def make_fp8_checkpoint(source: Path, out: Path) -> dict[str, torch.Tensor]:
+    """Re-save a checkpoint in the official Qwen3-FP8 layout; return the original linear weights.
+
+    Linear weights inside the layers become float8_e4m3fn with one float32 `weight_scale_inv` per
+    128x128 block (amax / 448, as the official checkpoints do); embeddings, norms, the head and the MoE
+    router stay as they were, and config.json gains the `quantization_config` those repos carry.
+    """
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, out)
+    originals: dict[str, torch.Tensor] = {}
+    for file in sorted(out.glob("*.safetensors")):
+        tensors = load_file(file)
+        for name in [n for n in tensors if FP8_LINEAR.search(n)]:
+            weight = tensors[name].float()
+            rows, cols = weight.shape
+            padded = torch.zeros(-(-rows // FP8_BLOCK) * FP8_BLOCK, -(-cols // FP8_BLOCK) * FP8_BLOCK)
+            padded[:rows, :cols] = weight
+            blocks = padded.reshape(padded.shape[0] // FP8_BLOCK, FP8_BLOCK, -1, FP8_BLOCK)
+            scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)
+            expanded = scale.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:rows, :cols]
+            originals[name] = tensors[name]
+            tensors[name] = (weight / expanded).to(torch.float8_e4m3fn)
+            tensors[f"{name}_scale_inv"] = scale
+        save_file(tensors, file, metadata={"format": "pt"})
+    config_file = out / "config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("dtype", None)
+    config["torch_dtype"] = "bfloat16"
+    config["quantization_config"] = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+    }
+    config_file.write_text(json.dumps(config, indent=2))
+    index = out / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        for name, shard in list(data["weight_map"].items()):
+            if FP8_LINEAR.search(name):
+                data["weight_map"][f"{name}_scale_inv"] = shard
+        index.write_text(json.dumps(data, indent=2))
+    return originals

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from fixtures import SNAPSHOT, hub_cache_with
 
 import qwen_mlx
 from qwen_mlx import QwenMLXError
-
-SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture
@@ -191,14 +190,6 @@ def test_cli_describes_a_checkpoint(checkpoint) -> None:
     summary = json.loads(result.stdout)
     assert summary["model_type"] == "qwen3_moe" and summary["experts"].startswith("2 of 4")
     assert summary["quantization"] is None and summary["bits_per_weight"] == 32.0
-
-
-def hub_cache_with(folder: Path, cache: Path, repo_id: str) -> None:
-    """Lay `folder` out as huggingface_hub's cache holds a downloaded snapshot of `repo_id`."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(folder, repo / "snapshots" / SNAPSHOT)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(SNAPSHOT)
 
 
 def test_repo_id_loads_offline_from_the_hub_cache(checkpoint, tmp_path) -> None:
