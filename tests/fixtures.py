@@ -191,6 +191,10 @@ VARIANTS: dict[str, Builder] = {
     "dense_yarn_legacy": _dense(seed=4, hub_layout=True, rope_parameters=_yarn()),
     # Every linear input is a multiple of 128, so group size 128 quantizes every layer.
     "dense_wide": _dense(seed=5, hidden_size=128, intermediate_size=256, head_dim=32),
+    # Many wide layers in 50 MB shards: the model is several times its largest shard (peak-memory tests).
+    "dense_deep": _dense(
+        seed=9, num_hidden_layers=24, intermediate_size=16384, tie_word_embeddings=True, max_shard_size="50MB"
+    ),
     # Half-precision checkpoints, as most Hub repos ship (bf16) and some older ones (fp16).
     "dense_bf16": _dense(seed=6, dtype=torch.bfloat16),
     "dense_fp16": _dense(seed=7, dtype=torch.float16),

@@ -267,3 +267,21 @@ def test_cli_help_explains_each_option_with_examples() -> None:
         for flag in ("--q-bits", "--q-group-size", "--dtype", "--recipe", "--dequantize", "--force", "--no-eval"):
             assert flag in result.stdout
         assert "examples:" in result.stdout and "mixed_4_6" in result.stdout
+
+
+def test_quality_report_is_written_and_4_bit_costs_more_than_8_bit(checkpoint, tmp_path) -> None:
+    reports = {}
+    for bits in (4, 8):
+        out = tmp_path / f"q{bits}"
+        result = convert(checkpoint("dense_wide"), out, bits=bits, eval_tokens=48, progress=False)
+        saved = json.loads((out / "quantization_report.json").read_text())
+        assert saved == pytest.approx(result.report)
+        assert saved["tokens"] == 47 and saved["bits_per_weight"] == pytest.approx(result.bits_per_weight)
+        assert saved["size_bytes"] == sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        assert "KL mean" in (out / "README.md").read_text()
+        reports[bits] = saved
+    assert reports[4]["kl_mean"] > reports[8]["kl_mean"] > 0
+    assert reports[4]["kl_max"] > reports[8]["kl_max"]
+    assert reports[8]["top1_agreement"] >= reports[4]["top1_agreement"]
+    for report in reports.values():
+        assert 0 < report["perplexity_source"] < float("inf") and 0 < report["perplexity_result"] < float("inf")

@@ -50,7 +50,8 @@ def decode_in_chunks(model: qwen_mlx.Model, ids: Sequence[int], chunk_sizes: Seq
 
 
 HALF_PRECISION = {"dense_bf16": (mx.bfloat16, "BF16"), "dense_fp16": (mx.float16, "F16")}
-FULL_PRECISION = [name for name in VARIANTS if name not in HALF_PRECISION]
+# dense_deep exists for the converter's memory test; two tiny layers already cover what it would check here.
+FULL_PRECISION = [name for name in VARIANTS if name not in HALF_PRECISION and name != "dense_deep"]
 
 
 @pytest.mark.parametrize("name", FULL_PRECISION)
