@@ -74,3 +74,30 @@ def torch_reference_logits(path: Path, batch: Sequence[Sequence[int]]) -> np.nda
 @pytest.fixture(scope="session")
 def torch_logits() -> TorchLogits:
     return torch_reference_logits
+
+
+@pytest.fixture(scope="session")
+def mlx_lm_converted(checkpoint: CheckpointFactory, tmp_path_factory: pytest.TempPathFactory):
+    """`mlx_lm_converted(variant, bits, group_size, recipe=None) -> Path`: made once by `mlx_lm.convert`."""
+    from mlx_lm import convert
+
+    root = tmp_path_factory.mktemp("mlx_lm_converted")
+    made: dict[tuple, Path] = {}
+
+    def get(name: str, bits: int, group_size: int, recipe: str | None = None) -> Path:
+        key = (name, bits, group_size, recipe)
+        if key not in made:
+            out = root / "-".join(str(part) for part in key)
+            convert(
+                str(checkpoint(name)),
+                mlx_path=str(out),
+                quantize=True,
+                q_bits=bits,
+                q_group_size=group_size,
+                dtype="float32",
+                quant_predicate=recipe,
+            )
+            made[key] = out
+        return made[key]
+
+    return get

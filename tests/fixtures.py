@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+import numpy as np
 import torch
 from transformers import (
     AutoConfig,
@@ -223,6 +225,22 @@ def hub_cache_with(folder: Path, cache: Path, repo_id: str) -> Path:
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(SNAPSHOT)
     return repo / "snapshots" / SNAPSHOT
+
+
+# Same quantized weights and the same MLX kernels on both sides: only summation order may differ.
+MLX_TOLERANCE = 1e-3
+
+
+def mlx_logits(model: Any, ids: list[int]) -> np.ndarray:
+    """Float32 logits (1, L, vocab) of a qwen_mlx or mlx-lm model for one row of ids."""
+    return np.array(model(mx.array([ids])).astype(mx.float32))
+
+
+def assert_same_logits(ours: np.ndarray, reference: np.ndarray, what: str, tolerance: float = MLX_TOLERANCE) -> None:
+    assert ours.shape == reference.shape, (what, ours.shape, reference.shape)
+    assert np.std(reference) > 0.1, f"{what}: degenerate reference logits"
+    diff = float(np.max(np.abs(ours - reference)))
+    assert diff <= tolerance, f"{what}: max |Δ| = {diff:.3g} > {tolerance}"
 
 
 def build_checkpoint(name: str, out: Path) -> Path:

@@ -11,27 +11,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from fixtures import make_fp8_checkpoint
-from mlx_lm import convert as mlx_lm_convert
+from fixtures import assert_same_logits, make_fp8_checkpoint, mlx_logits
 from mlx_lm import load as mlx_lm_load
 from safetensors.torch import load_file
 
 import qwen_mlx
 from qwen_mlx.convert import convert
 from qwen_mlx.convert.recipes import available_recipes, is_sensitive, load_recipe
-
-# Same quantized weights and MLX kernels on both sides: only summation order may differ.
-TOLERANCE = 1e-3
-
-
-def logits_of(model, ids: list[int]) -> np.ndarray:
-    return np.array(model(mx.array([ids])).astype(mx.float32))
-
-
-def assert_same_logits(ours: np.ndarray, reference: np.ndarray, what: str, tolerance: float = TOLERANCE) -> None:
-    assert np.std(reference) > 0.1, f"{what}: degenerate reference logits"
-    diff = float(np.max(np.abs(ours - reference)))
-    assert diff <= tolerance, f"{what}: max |Δ| = {diff:.3g} > {tolerance}"
 
 
 def tensors_of(folder: Path) -> dict[str, mx.array]:
@@ -72,29 +58,6 @@ def converted(checkpoint, tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="module")
-def mlx_lm_converted(checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlx_lm")
-    made: dict[tuple, Path] = {}
-
-    def get(name: str, bits: int, group_size: int, recipe: str | None = None) -> Path:
-        key = (name, bits, group_size, recipe)
-        if key not in made:
-            out = root / "-".join(map(str, key))
-            mlx_lm_convert(
-                str(checkpoint(name)),
-                mlx_path=str(out),
-                quantize=True,
-                q_bits=bits,
-                q_group_size=group_size,
-                quant_predicate=recipe,
-            )
-            made[key] = out
-        return made[key]
-
-    return get
-
-
 @pytest.mark.parametrize(
     "name, bits, group_size",
     [("dense_wide", 4, 64), ("dense_wide", 8, 32), ("dense_sharded", 4, 128), ("moe_hub", 4, 64)],
@@ -114,13 +77,13 @@ def test_quantized_output_equals_mlx_lm_convert_tensor_for_tensor(
 @pytest.mark.parametrize("name, bits", [("dense_untied", 4), ("dense_tied", 8), ("moe_norm_topk", 4), ("moe_yarn", 8)])
 def test_converted_folder_loads_in_both_runtimes(name, bits, converted, checkpoint, prompt_ids) -> None:
     out = converted(name, bits=bits)
-    ours = logits_of(qwen_mlx.load(out), prompt_ids)
+    ours = mlx_logits(qwen_mlx.load(out), prompt_ids)
     # Loading the float checkpoint quantized on the way in is the same computation as converting it.
-    on_load = logits_of(qwen_mlx.load(checkpoint(name), quantize=bits), prompt_ids)
+    on_load = mlx_logits(qwen_mlx.load(checkpoint(name), quantize=bits), prompt_ids)
     assert_same_logits(ours, on_load, f"{name}: converted vs quantized on load")
     if name != "moe_yarn":  # mlx-lm's Qwen3-MoE ignores YaRN, so it is no oracle there
         reference, _ = mlx_lm_load(str(out))
-        assert_same_logits(logits_of(reference, prompt_ids), ours, f"{name}: mlx_lm.load")
+        assert_same_logits(mlx_logits(reference, prompt_ids), ours, f"{name}: mlx_lm.load")
 
 
 def test_output_folder_has_everything_mlx_lm_writes(converted) -> None:
@@ -153,7 +116,7 @@ def test_mixed_recipe_matches_mlx_lm_and_loads_there(converted, mlx_lm_converted
     assert block == json.loads((theirs / "config.json").read_text())["quantization"]
     assert block["lm_head"]["bits"] == 6 and block["model.layers.0.self_attn.q_proj"]["bits"] == 4
     reference, _ = mlx_lm_load(str(ours))
-    assert_same_logits(logits_of(reference, prompt_ids), logits_of(qwen_mlx.load(ours), prompt_ids), "mixed_4_6")
+    assert_same_logits(mlx_logits(reference, prompt_ids), mlx_logits(qwen_mlx.load(ours), prompt_ids), "mixed_4_6")
 
 
 def test_mixed_recipe_on_moe_keeps_the_router_at_8_bits(converted, mlx_lm_converted) -> None:
@@ -206,8 +169,8 @@ def test_fp8_checkpoint_dequantizes_within_fp8_rounding(checkpoint, tmp_path, pr
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
     # Close to the bf16 original as a model, too.
-    full = logits_of(qwen_mlx.load(checkpoint("dense_bf16"), dtype="float32"), prompt_ids)
-    decoded = logits_of(qwen_mlx.load(out, dtype="float32"), prompt_ids)
+    full = mlx_logits(qwen_mlx.load(checkpoint("dense_bf16"), dtype="float32"), prompt_ids)
+    decoded = mlx_logits(qwen_mlx.load(out, dtype="float32"), prompt_ids)
     assert np.corrcoef(full.ravel(), decoded.ravel())[0, 1] > 0.99
 
 
@@ -222,7 +185,7 @@ def test_fp8_moe_checkpoint_quantizes_and_loads_in_mlx_lm(checkpoint, tmp_path, 
     block = json.loads((out / "config.json").read_text())["quantization"]
     assert block["model.layers.0.mlp.gate"] == {"group_size": 64, "bits": 8}
     reference, _ = mlx_lm_load(str(out))
-    assert_same_logits(logits_of(reference, prompt_ids), logits_of(qwen_mlx.load(out), prompt_ids), "fp8 moe")
+    assert_same_logits(mlx_logits(reference, prompt_ids), mlx_logits(qwen_mlx.load(out), prompt_ids), "fp8 moe")
 
 
 def test_dequantize_round_trips(converted, prompt_ids, tmp_path) -> None:
@@ -239,7 +202,7 @@ def test_dequantize_round_trips(converted, prompt_ids, tmp_path) -> None:
     assert mx.array_equal(floats[f"{name}.weight"], expected).item()
     assert not any(k.endswith(".scales") for k in floats)
     assert_same_logits(
-        logits_of(qwen_mlx.load(out), prompt_ids), logits_of(qwen_mlx.load(quantized), prompt_ids), "dequantized"
+        mlx_logits(qwen_mlx.load(out), prompt_ids), mlx_logits(qwen_mlx.load(quantized), prompt_ids), "dequantized"
     )
 
 
@@ -249,7 +212,7 @@ def test_requantizing_an_mlx_folder(converted, prompt_ids, tmp_path) -> None:
     convert(eight, out, bits=4, evaluate=False, progress=False)
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
     reference, _ = mlx_lm_load(str(out))
-    assert_same_logits(logits_of(reference, prompt_ids), logits_of(qwen_mlx.load(out), prompt_ids), "requantized")
+    assert_same_logits(mlx_logits(reference, prompt_ids), mlx_logits(qwen_mlx.load(out), prompt_ids), "requantized")
 
 
 def test_cli_with_mlx_lm_spellings(checkpoint, tmp_path) -> None:

@@ -7,61 +7,17 @@ checkpoint qwen_mlx quantizes and saves loads in `mlx_lm.load` with ours.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from fixtures import assert_same_logits, mlx_logits
 from mlx.utils import tree_flatten
-from mlx_lm import convert as mlx_lm_convert
 from mlx_lm import load as mlx_lm_load
 from safetensors import safe_open
 
 import qwen_mlx
 from qwen_mlx.quant import bits_per_weight
-
-# Same quantized weights and the same MLX kernels on both sides: only summation order may differ.
-TOLERANCE = 1e-3
-
-
-def logits_of(model, ids: list[int]) -> np.ndarray:
-    return np.array(model(mx.array([ids])).astype(mx.float32))
-
-
-def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.max(np.abs(a - b)))
-
-
-def assert_same_logits(ours: np.ndarray, reference: np.ndarray, what: str) -> None:
-    assert np.std(reference) > 0.1, f"{what}: degenerate reference logits"
-    diff = max_abs_diff(ours, reference)
-    assert diff <= TOLERANCE, f"{what}: max |Δ| = {diff:.3g} > {TOLERANCE}"
-
-
-@pytest.fixture(scope="module")
-def mlx_lm_quantized(checkpoint, tmp_path_factory):
-    """`mlx_lm_quantized(variant, bits, group_size, recipe=None) -> Path`, converted once by mlx_lm.convert."""
-    root = tmp_path_factory.mktemp("mlx_lm_converted")
-    made: dict[tuple, Path] = {}
-
-    def get(name: str, bits: int, group_size: int, recipe: str | None = None) -> Path:
-        key = (name, bits, group_size, recipe)
-        if key not in made:
-            out = root / "-".join(str(part) for part in key)
-            mlx_lm_convert(
-                str(checkpoint(name)),
-                mlx_path=str(out),
-                quantize=True,
-                q_bits=bits,
-                q_group_size=group_size,
-                dtype="float32",
-                quant_predicate=recipe,
-            )
-            made[key] = out
-        return made[key]
-
-    return get
 
 
 @pytest.mark.parametrize(
@@ -76,8 +32,8 @@ def mlx_lm_quantized(checkpoint, tmp_path_factory):
         ("moe_hub", 8, 32),
     ],
 )
-def test_mlx_lm_converted_checkpoint_gives_mlx_lm_logits(name, bits, group_size, mlx_lm_quantized, prompt_ids) -> None:
-    path = mlx_lm_quantized(name, bits, group_size)
+def test_mlx_lm_converted_checkpoint_gives_mlx_lm_logits(name, bits, group_size, mlx_lm_converted, prompt_ids) -> None:
+    path = mlx_lm_converted(name, bits, group_size)
     quantization = json.loads((path / "config.json").read_text())["quantization"]
     assert (quantization["bits"], quantization["group_size"]) == (bits, group_size)
 
@@ -85,12 +41,12 @@ def test_mlx_lm_converted_checkpoint_gives_mlx_lm_logits(name, bits, group_size,
     # float32 scales and biases: two 32-bit numbers per group on top of the packed weights (norms are tiny).
     assert abs(bits_per_weight(ours) - (bits + 64 / group_size)) < 0.05
     reference, _ = mlx_lm_load(str(path))
-    assert_same_logits(logits_of(ours, prompt_ids), logits_of(reference, prompt_ids), f"{name} {bits}-bit")
+    assert_same_logits(mlx_logits(ours, prompt_ids), mlx_logits(reference, prompt_ids), f"{name} {bits}-bit")
 
 
-def test_mlx_lm_mixed_precision_recipe(mlx_lm_quantized, prompt_ids) -> None:
+def test_mlx_lm_mixed_precision_recipe(mlx_lm_converted, prompt_ids) -> None:
     # mixed_4_6 writes per-module entries into the quantization block: v_proj, down_proj, lm_head at 6 bits.
-    path = mlx_lm_quantized("dense_wide", 4, 64, "mixed_4_6")
+    path = mlx_lm_converted("dense_wide", 4, 64, "mixed_4_6")
     block = json.loads((path / "config.json").read_text())["quantization"]
     overrides = {k: v for k, v in block.items() if isinstance(v, dict)}
     assert {v["bits"] for v in overrides.values()} >= {4, 6}
@@ -100,7 +56,7 @@ def test_mlx_lm_mixed_precision_recipe(mlx_lm_quantized, prompt_ids) -> None:
     for module_path, entry in overrides.items():
         assert modules[module_path].bits == entry["bits"], module_path
     reference, _ = mlx_lm_load(str(path))
-    assert_same_logits(logits_of(ours, prompt_ids), logits_of(reference, prompt_ids), "mixed_4_6")
+    assert_same_logits(mlx_logits(ours, prompt_ids), mlx_logits(reference, prompt_ids), "mixed_4_6")
 
 
 @pytest.mark.parametrize(
@@ -117,7 +73,7 @@ def test_mlx_lm_mixed_precision_recipe(mlx_lm_quantized, prompt_ids) -> None:
 )
 def test_our_quantized_save_loads_in_mlx_lm(name, bits, group_size, checkpoint, prompt_ids, tmp_path) -> None:
     ours = qwen_mlx.load(checkpoint(name), quantize=bits, group_size=group_size)
-    expected = logits_of(ours, prompt_ids)
+    expected = mlx_logits(ours, prompt_ids)
     out = qwen_mlx.save(ours, tmp_path / "saved")
 
     config = json.loads((out / "config.json").read_text())
@@ -132,18 +88,18 @@ def test_our_quantized_save_loads_in_mlx_lm(name, bits, group_size, checkpoint, 
         assert f.metadata() == {"format": "mlx"}
 
     reloaded = qwen_mlx.load(out)
-    assert_same_logits(logits_of(reloaded, prompt_ids), expected, f"{name}: reloaded by qwen_mlx")
+    assert_same_logits(mlx_logits(reloaded, prompt_ids), expected, f"{name}: reloaded by qwen_mlx")
     reference, _ = mlx_lm_load(str(out))
-    assert_same_logits(logits_of(reference, prompt_ids), expected, f"{name}: loaded by mlx_lm")
+    assert_same_logits(mlx_logits(reference, prompt_ids), expected, f"{name}: loaded by mlx_lm")
 
 
 def test_quantized_logits_stay_close_to_full_precision(checkpoint, prompt_ids) -> None:
     # Not a parity check: a sanity bound that catches quantizing the wrong axis or dropping scales. Random
     # Gaussian weights quantize worse than trained ones, hence the loose 4-bit bound.
     path = checkpoint("dense_wide")
-    full = logits_of(qwen_mlx.load(path), prompt_ids)
+    full = mlx_logits(qwen_mlx.load(path), prompt_ids)
     for bits, min_correlation in ((8, 0.999), (4, 0.85)):
-        quantized = logits_of(qwen_mlx.load(path, quantize=bits), prompt_ids)
+        quantized = mlx_logits(qwen_mlx.load(path, quantize=bits), prompt_ids)
         correlation = np.corrcoef(quantized.ravel(), full.ravel())[0, 1]
         assert correlation > min_correlation, f"{bits}-bit logits correlate {correlation:.4f} with full precision"
 
@@ -166,12 +122,12 @@ def test_full_precision_save_round_trips(name, checkpoint, prompt_ids, tmp_path)
     # An unquantized MLX folder: the same weights back, YaRN settings kept (mlx-lm's MoE drops them, so
     # only the dense folder is compared with mlx-lm).
     model = qwen_mlx.load(checkpoint(name))
-    expected = logits_of(model, prompt_ids)
+    expected = mlx_logits(model, prompt_ids)
     out = qwen_mlx.save(model, tmp_path / "saved")
     config = json.loads((out / "config.json").read_text())
     assert "quantization" not in config and "quantization_config" not in config
     assert (out / "tokenizer.json").is_file()
-    np.testing.assert_array_equal(logits_of(qwen_mlx.load(out), prompt_ids), expected)
+    np.testing.assert_array_equal(mlx_logits(qwen_mlx.load(out), prompt_ids), expected)
     if name.startswith("dense"):
         reference, _ = mlx_lm_load(str(out))
-        assert_same_logits(logits_of(reference, prompt_ids), expected, f"{name}: loaded by mlx_lm")
+        assert_same_logits(mlx_logits(reference, prompt_ids), expected, f"{name}: loaded by mlx_lm")
