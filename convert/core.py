@@ -17,6 +17,7 @@ Design decisions:
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -32,6 +33,7 @@ import qwen_mlx
 from qwen_mlx.config import ModelArgs
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.loader import DTYPES, check_weights, read_config, read_weights, resolve_model_path
+from qwen_mlx.memory import metal_working_set
 from qwen_mlx.model import Model
 from qwen_mlx.quant import check_bits, quantization_plan
 from qwen_mlx.save import MAX_SHARD_BYTES, copy_companions, export_config, write_config, write_folder, write_weights
@@ -44,6 +46,8 @@ DEFAULT_GROUP_SIZE = 64
 FP8_BLOCK = (128, 128)
 # Room left on the disk beyond the estimated output: config, tokenizer files and filesystem slack.
 DISK_MARGIN_BYTES = 64 << 20
+# The quality report holds the full-precision source in memory; beyond this share of it, it is skipped.
+EVAL_MEMORY_FRACTION = 0.8
 # Metadata a source README's front matter may carry over into the model card.
 CARD_FIELDS = ("license", "license_name", "license_link", "language")
 
@@ -266,6 +270,11 @@ def convert(
     src = open_source(source, revision)
     if out.resolve() == src.path.resolve() or src.path.resolve() in out.resolve().parents:
         raise QwenMLXError(f"{out} is inside the source folder {src.path}; write the conversion somewhere else")
+    # --force replaces OUT whole, so an OUT holding the source would delete the checkpoint it converts.
+    if force and out.resolve() in src.path.resolve().parents:
+        raise QwenMLXError(
+            f"{out} holds the source folder {src.path}; --force would delete it, so write the conversion somewhere else"
+        )
     if src.kind == "mlx-quantized" and bits is None and not dequantize:
         raise QwenMLXError(
             f"{src.path} is already quantized; pass --q-bits or --recipe to re-quantize it, or --dequantize"
@@ -338,6 +347,14 @@ def _evaluate(
         mx.eval(model.parameters())
         return model
 
+    # The source is scored at full precision, in memory: past what the machine holds it would swap for hours.
+    source_bytes = conversion.parameters * DTYPES[dtype].size
+    if (room := memory_for_models()) is not None and source_bytes > EVAL_MEMORY_FRACTION * room:
+        log(
+            f"skipping the quality report: the source model needs {human_size(source_bytes)} in memory and this "
+            f"machine has {human_size(room)} (pass --no-eval to skip it quietly)"
+        )
+        return None
     log("measuring quality on the calibration text (skip with --no-eval)")
     report = quality_report(
         source_model,
@@ -349,6 +366,16 @@ def _evaluate(
     )
     write_report(report, folder)
     return report
+
+
+def memory_for_models() -> int | None:
+    """Bytes a model can occupy: the GPU's working set on Metal, else physical memory; None if unknown."""
+    if (working_set := metal_working_set()) is not None:
+        return working_set
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _progress_bar(total: int, description: str, enabled: bool):

@@ -73,30 +73,41 @@ def export_config(config: dict[str, Any], args: ModelArgs) -> dict[str, Any]:
     return dict(sorted(config.items()))
 
 
-def write_folder(out: Path, write, overwrite: bool = False) -> Path:
-    """Run `write(tmp_folder)` and move the result to `out` only when it completes."""
+def write_folder(out: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Run `write(tmp_folder)` and move the result to `out` only when it completes.
+
+    Whatever stops it (an error, Ctrl-C, SIGTERM turned into SystemExit), the temporary folder goes and
+    an `out` being replaced is put back as it was.
+    """
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise QwenMLXError(f"{out} already exists and is not empty; choose another folder or allow overwriting")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    # mkdtemp makes the folder private (0700); the result should get the usual permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
     try:
+        # mkdtemp makes the folder private (0700); the result should get the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
         write(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+        if out.exists() or out.is_symlink():
             out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        tmp.rename(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)
+        _remove(tmp)
         raise
+    _remove(old)
     return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
 
 
 def write_weights(

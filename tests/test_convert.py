@@ -248,3 +248,13 @@ def test_quality_report_is_written_and_4_bit_costs_more_than_8_bit(checkpoint, t
     assert reports[8]["top1_agreement"] >= reports[4]["top1_agreement"]
     for report in reports.values():
         assert 0 < report["perplexity_source"] < float("inf") and 0 < report["perplexity_result"] < float("inf")
+
+
+def test_quality_report_is_skipped_when_the_source_would_not_fit(checkpoint, tmp_path, monkeypatch) -> None:
+    from qwen_mlx.convert import core
+
+    monkeypatch.setattr(core, "memory_for_models", lambda: 1 << 20)
+    messages: list[str] = []
+    result = convert(checkpoint("dense_tied"), tmp_path / "out", bits=4, progress=False, log=messages.append)
+    assert result.report is None and not (tmp_path / "out" / "quantization_report.json").exists()
+    assert any("skipping the quality report" in m and "--no-eval" in m for m in messages)
