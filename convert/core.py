@@ -35,7 +35,7 @@ from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.loader import DTYPES, check_weights, read_config, read_weights, resolve_model_path
 from qwen_mlx.memory import metal_working_set
 from qwen_mlx.model import Model
-from qwen_mlx.quant import check_bits, quantization_plan
+from qwen_mlx.quant import check_bits, check_saved_block, quantization_plan, saved_module_quantization
 from qwen_mlx.save import MAX_SHARD_BYTES, copy_companions, export_config, write_config, write_folder, write_weights
 
 from .recipes import load_recipe
@@ -147,22 +147,19 @@ def decode_fp8(weights: dict[str, mx.array], block: tuple[int, int], path: Path)
 
 def dequantize_mlx(weights: dict[str, mx.array], block: dict, model: Model, path: Path) -> dict[str, mx.array]:
     """MLX affine-quantized modules back to floats (bits and group size as the loader reads them)."""
-    if block.get("mode", "affine") != "affine":
-        raise QwenMLXError(f"{path / 'config.json'}: quantization mode {block['mode']!r} is not supported")
+    source = str(path / "config.json")
+    check_saved_block(block, source)
     expected = dict(tree_flatten(model.parameters()))
     for scales_name in [k for k in weights if k.endswith(".scales")]:
         module = scales_name.removesuffix(".scales")
+        if f"{module}.weight" not in expected or f"{module}.weight" not in weights:
+            raise QwenMLXError(f"{path}: unexpected tensor {scales_name}; the weights do not match config.json")
+        in_dims = expected[f"{module}.weight"].shape[-1]
+        params = saved_module_quantization(block, module, in_dims, weights, source)
         packed, scales = weights[f"{module}.weight"], weights.pop(scales_name)
         biases = weights.pop(f"{module}.biases", None)
-        in_dims = expected[f"{module}.weight"].shape[-1] if f"{module}.weight" in expected else None
-        entry = block.get(module)
-        if isinstance(entry, dict):
-            group_size, bits = entry["group_size"], entry["bits"]
-        elif in_dims is not None:
-            group_size, bits = in_dims // scales.shape[-1], packed.shape[-1] * 32 // in_dims
-        else:
-            raise QwenMLXError(f"{path}: unexpected tensor {scales_name}; the weights do not match config.json")
-        weights[f"{module}.weight"] = mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits)
+        if params is not None:
+            weights[f"{module}.weight"] = mx.dequantize(packed, scales, biases, **params)
     return weights
 
 

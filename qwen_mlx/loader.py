@@ -237,8 +237,6 @@ def load(
             raise QwenMLXError(
                 f"{path} is already quantized; load it as it is, or re-quantize it with `python -m qwen_mlx.convert`"
             )
-        if not isinstance(saved, dict):
-            raise QwenMLXError(f"{path / 'config.json'}: 'quantization' must be an object")
         apply_saved_quantization(model, saved, weights, str(path / "config.json"))
     check_weights(model, weights, path)
     if dtype is not None:

@@ -80,30 +80,49 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64, recipe: Re
     return block
 
 
-def apply_saved_quantization(model: nn.Module, block: dict, weights: dict[str, mx.array], source: str) -> None:
-    """Replace the modules that are quantized on disk by quantized ones with the saved shapes."""
-    mode = block.get("mode", "affine")
-    if mode != "affine" or "group_size" not in block or "bits" not in block:
+def check_saved_block(block: Any, source: str) -> None:
+    """A config's `quantization` block must describe affine quantization, the only kind we read."""
+    if not isinstance(block, dict):
+        raise QwenMLXError(f"{source}: 'quantization' must be an object")
+    if block.get("mode", "affine") != "affine" or "group_size" not in block or "bits" not in block:
         raise QwenMLXError(
             f"{source}: quantization {block!r} is not supported; qwen-mlx reads affine quantization "
             "(mode 'affine' with group_size and bits), as written by mlx-lm and qwen-mlx"
         )
 
+
+def saved_module_quantization(
+    block: dict, path: str, in_dims: int, weights: dict[str, mx.array], source: str
+) -> dict[str, int] | None:
+    """`{"group_size", "bits"}` of module `path` as stored on disk, or None when it is full precision.
+
+    mlx-lm's rule: the block's entry for the module wins; otherwise a module with a `.scales` tensor is
+    quantized, with bits and group size read back from the packed shapes.
+    """
+    entry = block.get(path)
+    if isinstance(entry, dict):
+        if entry.get("mode", "affine") != "affine":
+            raise QwenMLXError(
+                f"{source}: module {path} uses quantization mode {entry['mode']!r}; only affine is supported"
+            )
+        return {"group_size": entry["group_size"], "bits": entry["bits"]}
+    if entry is True:
+        return {"group_size": block["group_size"], "bits": block["bits"]}
+    if entry is False or f"{path}.scales" not in weights:
+        return None
+    group_size = in_dims // weights[f"{path}.scales"].shape[-1]
+    bits = weights[f"{path}.weight"].shape[-1] * 32 // in_dims
+    return {"group_size": group_size, "bits": bits}
+
+
+def apply_saved_quantization(model: nn.Module, block: dict, weights: dict[str, mx.array], source: str) -> None:
+    """Replace the modules that are quantized on disk by quantized ones with the saved shapes."""
+    check_saved_block(block, source)
+
     def predicate(path: str, module: nn.Module) -> bool | dict:
-        if path in block:
-            entry = block[path]
-            if isinstance(entry, dict) and entry.get("mode", "affine") != "affine":
-                raise QwenMLXError(
-                    f"{source}: module {path} uses quantization mode {entry['mode']!r}; only affine is supported"
-                )
-            return entry
-        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+        if not hasattr(module, "to_quantized"):
             return False
-        # Bits and group size follow from the packed shapes (mlx-lm's inference for unlisted modules).
-        in_dims = module.weight.shape[-1]
-        group_size = in_dims // weights[f"{path}.scales"].shape[-1]
-        bits = weights[f"{path}.weight"].shape[-1] * 32 // in_dims
-        return {"group_size": group_size, "bits": bits}
+        return saved_module_quantization(block, path, module.weight.shape[-1], weights, source) or False
 
     nn.quantize(model, block["group_size"], block["bits"], mode="affine", class_predicate=predicate)
 
