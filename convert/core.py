@@ -32,11 +32,19 @@ from mlx.utils import tree_flatten
 import qwen_mlx
 from qwen_mlx.config import ModelArgs
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.loader import DTYPES, check_weights, read_config, read_weights, resolve_model_path
+from qwen_mlx.loader import DTYPES, cast_floats, check_weights, read_config, read_weights, resolve_model_path
 from qwen_mlx.memory import metal_working_set
 from qwen_mlx.model import Model
 from qwen_mlx.quant import check_bits, check_saved_block, quantization_plan, saved_module_quantization
-from qwen_mlx.save import MAX_SHARD_BYTES, copy_companions, export_config, write_config, write_folder, write_weights
+from qwen_mlx.save import (
+    MAX_SHARD_BYTES,
+    check_out_folder,
+    copy_companions,
+    export_config,
+    write_config,
+    write_folder,
+    write_weights,
+)
 
 from .recipes import load_recipe
 from .report import MAX_CALIBRATION_TOKENS, format_report, human_size, quality_report, write_report
@@ -118,7 +126,7 @@ def float_weights(source: Source, model: Model, dtype: mx.Dtype | None) -> dict[
         weights = dequantize_mlx(weights, source.quantization, model, source.path)
     check_weights(model, weights, source.path)
     if dtype is not None:
-        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+        weights = cast_floats(weights, dtype)
     return weights
 
 
@@ -261,8 +269,8 @@ def convert(
     if dtype is not None and dtype not in DTYPES:
         raise QwenMLXError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise QwenMLXError(f"{out} already exists and is not empty; choose another folder or pass --force")
+    # Checked again by write_folder; here so a refusal comes before any reading.
+    check_out_folder(out, force, hint="pass --force")
 
     src = open_source(source, revision)
     if out.resolve() == src.path.resolve() or src.path.resolve() in out.resolve().parents:

@@ -208,6 +208,11 @@ def check_weights(model: Model, weights: dict[str, mx.array], path: Path) -> Non
             )
 
 
+def cast_floats(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
+    """Floating-point tensors cast (lazily) to `dtype`; packed quantized weights left as they are."""
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+
+
 def load(
     path_or_repo: str | Path,
     *,
@@ -240,7 +245,7 @@ def load(
         apply_saved_quantization(model, saved, weights, str(path / "config.json"))
     check_weights(model, weights, path)
     if dtype is not None:
-        weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+        weights = cast_floats(weights, DTYPES[dtype])
     model.load_weights(list(weights.items()), strict=False)
     # Drop our references so each full-precision tensor is freed once its layer is evaluated.
     weights.clear()

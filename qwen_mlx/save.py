@@ -73,6 +73,12 @@ def export_config(config: dict[str, Any], args: ModelArgs) -> dict[str, Any]:
     return dict(sorted(config.items()))
 
 
+def check_out_folder(out: Path, overwrite: bool, hint: str = "allow overwriting") -> None:
+    """Refuse an `out` that exists and holds something, unless it may be overwritten."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise QwenMLXError(f"{out} already exists and is not empty; choose another folder or {hint}")
+
+
 def write_folder(out: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Run `write(tmp_folder)` and move the result to `out` only when it completes.
 
@@ -80,8 +86,7 @@ def write_folder(out: Path, write: Callable[[Path], None], overwrite: bool = Fal
     an `out` being replaced is put back as it was.
     """
     out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise QwenMLXError(f"{out} already exists and is not empty; choose another folder or allow overwriting")
+    check_out_folder(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
