@@ -3,8 +3,9 @@
 Notable features: GQA attention with per-head RMSNorm on queries and keys before RoPE, no biases, SwiGLU
 MLPs, tied or untied embeddings, default or YaRN RoPE (for dense and MoE alike), and a softmax top-k
 router whose experts run through gather matmuls. `mx.fast` kernels throughout (rms_norm, rope,
-scaled_dot_product_attention). Parameter names are Hugging Face's, with mlx-lm's stacked
-`mlp.switch_mlp.*` experts, so mlx-lm checkpoints load as they are and Hugging Face ones after `sanitize`.
+scaled_dot_product_attention), with mlx-lm's key/value caches (plain or quantized). Parameter names are
+Hugging Face's, with mlx-lm's stacked `mlp.switch_mlp.*` experts, so mlx-lm checkpoints load as they are
+and Hugging Face ones after `sanitize`.
 The model knows tensors only: token ids in, logits out.
 """
 
@@ -14,8 +15,9 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache
 
-from .cache import KVCache
 from .config import ModelArgs
 from .errors import QwenMLXError
 from .experts import SwitchGLU
@@ -47,7 +49,8 @@ class Attention(nn.Module):
         keys = self.rope(keys, offset=offset)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
+        # mlx-lm's wrapper picks the quantized kernel when the cache holds 4/8-bit keys and values.
+        out = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -136,6 +139,7 @@ class Model(nn.Module):
         return self.model.layers
 
     def make_cache(self) -> list[KVCache]:
+        """One mlx-lm `KVCache` per layer (see `qwen_mlx.engine.make_cache` for the quantized kind)."""
         return [KVCache() for _ in self.layers]
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:

@@ -1,0 +1,170 @@
+"""The checkpoint's own tokenizer and chat template, and streaming detokenization.
+
+Design decisions:
+- `tokenizers` reads `tokenizer.json` directly; transformers' tokenizer classes would add a heavy import for
+  nothing Qwen3 needs.
+- The prompt is always the checkpoint's Jinja template (`chat_template.jinja`, else `tokenizer_config.json`),
+  rendered the way transformers renders it (sandboxed, `trim_blocks`/`lstrip_blocks`, its `tojson` and
+  `raise_exception`), so prompts match token for token. No prompt format is written by hand here.
+- Special token ids (`<think>`, `</tool_call>`, ...) are looked up in the vocabulary, never hard-coded; end
+  tokens come from `generation_config.json` like the model's own settings.
+- Streaming text uses `tokenizers`' `DecodeStream`, which holds back bytes of a character split across
+  tokens (Chinese, emoji) until the character is whole.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _Tokenizer
+from tokenizers.decoders import DecodeStream
+
+from .errors import QwenMLXError
+
+# Qwen3's end-of-turn tokens, used only when a checkpoint has no generation_config.json.
+FALLBACK_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message: str):
+    raise TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QwenMLXError(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise QwenMLXError(f"{path} must hold a JSON object")
+    return data
+
+
+def read_chat_template(folder: Path, tokenizer_config: dict) -> str:
+    """The template as the checkpoint ships it: `chat_template.jinja` wins over `tokenizer_config.json`."""
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    if not isinstance(template, str) or not template.strip():
+        raise QwenMLXError(
+            f"{folder} has no chat template: add chat_template.jinja or a chat_template in tokenizer_config.json"
+        )
+    return template
+
+
+def read_generation_config(folder: Path) -> dict:
+    """`generation_config.json` as a dict ({} when the checkpoint has none)."""
+    path = Path(folder) / "generation_config.json"
+    return _read_json(path) if path.is_file() else {}
+
+
+class Detokenizer:
+    """Turns token ids into text as they arrive; never emits half a UTF-8 character."""
+
+    def __init__(self, tokenizer: _Tokenizer):
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=False)
+
+    def add(self, token_id: int) -> str:
+        return self._stream.step(self._tokenizer, token_id) or ""
+
+
+class Tokenizer:
+    """A Qwen3 tokenizer: ids <-> text, the chat template, and the special ids the chat layer needs."""
+
+    def __init__(self, tokenizer: _Tokenizer, chat_template: str, end_token_ids: list[int], special: dict[str, Any]):
+        self._tokenizer = tokenizer
+        self.chat_template = chat_template
+        self._template = _environment().from_string(chat_template)
+        self.end_token_ids = end_token_ids
+        self._special = special  # bos_token, eos_token, ... for templates that use them
+        self.think_start_id = self.token_id("<think>")
+        self.think_end_id = self.token_id("</think>")
+        self.tool_call_start_id = self.token_id("<tool_call>")
+        self.tool_call_end_id = self.token_id("</tool_call>")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Tokenizer:
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise QwenMLXError(f"{folder} has no tokenizer.json: copy the tokenizer files next to the weights")
+        try:
+            tokenizer = _Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust parser raises a bare Exception
+            raise QwenMLXError(f"{path} is not a readable tokenizer ({e})") from None
+        config_path = folder / "tokenizer_config.json"
+        config = _read_json(config_path) if config_path.is_file() else {}
+        template = read_chat_template(folder, config)
+        end_ids = read_generation_config(folder).get("eos_token_id")
+        if isinstance(end_ids, int):
+            end_ids = [end_ids]
+        if not isinstance(end_ids, list) or not all(isinstance(i, int) for i in end_ids) or not end_ids:
+            end_ids = [i for i in (tokenizer.token_to_id(t) for t in FALLBACK_END_TOKENS) if i is not None]
+        special = {k: config.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        special = {k: v.get("content") if isinstance(v, dict) else v for k, v in special.items()}
+        return cls(tokenizer, template, end_ids, special)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+    def token_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def detokenizer(self) -> Detokenizer:
+        return Detokenizer(self._tokenizer)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        tools: list[dict] | None = None,
+        enable_thinking: bool = True,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> str:
+        """Render the checkpoint's template, as `transformers`' `apply_chat_template(tokenize=False)` does."""
+        try:
+            return self._template.render(
+                messages=messages,
+                tools=tools or None,
+                add_generation_prompt=add_generation_prompt,
+                enable_thinking=enable_thinking,
+                **self._special,
+                **template_kwargs,
+            )
+        except TemplateError as e:
+            raise QwenMLXError(f"the chat template refused these messages: {e}") from None
+        except (TypeError, AttributeError, KeyError) as e:
+            raise QwenMLXError(f"the messages do not fit the chat template ({type(e).__name__}: {e})") from None

@@ -1,0 +1,196 @@
+"""Unit tests of the reply parser and stop strings: raw Qwen3 outputs tokenized with the real tokenizer.
+
+No model here: the "model output" is a string we write, encoded with the real Qwen3 tokenizer and fed
+token by token with the real streaming detokenizer, as the chat layer does.
+"""
+
+from __future__ import annotations
+
+import pytest
+from fixtures import tokenizer_dir
+
+from qwen_mlx.chat import Reply, normalize_messages, thinking_mode
+from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.parser import (
+    Answer,
+    Reasoning,
+    ReplyParser,
+    SpecialIds,
+    StopStrings,
+    ToolCall,
+    ToolCallError,
+    thinking_already_open,
+)
+from qwen_mlx.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.load(tokenizer_dir())
+
+
+def run(tokenizer: Tokenizer, output: str, in_thinking: bool = False, stop=()) -> tuple[list, ReplyParser]:
+    parser = ReplyParser(SpecialIds.of(tokenizer), in_thinking, stop)
+    detokenizer = tokenizer.detokenizer()
+    events = []
+    for token in tokenizer.encode(output):
+        events += parser.feed(token, detokenizer.add(token))
+        if parser.stopped:
+            break
+    events += parser.finish()
+    return events, parser
+
+
+def gather(events) -> Reply:
+    return Reply.gather(iter(events))
+
+
+def test_thinking_then_answer(tokenizer):
+    events, parser = run(tokenizer, "<think>\nLet me add.\n2 + 3 = 5.\n</think>\n\n2 + 3 = **5**.")
+    reply = gather(events)
+    assert reply.reasoning == "Let me add.\n2 + 3 = 5."
+    assert reply.answer == "2 + 3 = **5**."
+    assert parser.thought_tokens == len(tokenizer.encode("\nLet me add.\n2 + 3 = 5.\n"))
+
+
+def test_empty_think_block_of_no_think(tokenizer):
+    reply = gather(run(tokenizer, "<think>\n\n</think>\n\nHello!")[0])
+    assert (reply.reasoning, reply.answer) == ("", "Hello!")
+
+
+def test_answer_without_think_block(tokenizer):
+    # enable_thinking=False: the template pre-filled the empty block, so the output is the answer alone.
+    reply = gather(run(tokenizer, "Hello!\n\nHow are you?")[0])
+    assert (reply.reasoning, reply.answer) == ("", "Hello!\n\nHow are you?")
+
+
+def test_thinking_opened_by_the_template(tokenizer):
+    # Thinking-2507 templates end the prompt with "<think>\n": the output holds only "</think>".
+    prompt = tokenizer.encode("<|im_start|>assistant\n<think>\n")
+    special = SpecialIds.of(tokenizer)
+    assert thinking_already_open(prompt, special)
+    assert not thinking_already_open(tokenizer.encode("<|im_start|>assistant\n<think>\n\n</think>\n\n"), special)
+    reply = gather(run(tokenizer, "Short thought.\n</think>\n\nThe answer.", in_thinking=True)[0])
+    assert (reply.reasoning, reply.answer) == ("Short thought.", "The answer.")
+
+
+def test_generation_stopping_inside_thinking_keeps_the_reasoning(tokenizer):
+    events, parser = run(tokenizer, "<think>\nStill thinking about it\n\n")
+    reply = gather(events)
+    assert (reply.reasoning, reply.answer) == ("Still thinking about it", "")
+    assert parser.in_thinking
+
+
+def test_several_tool_calls_come_out_structured(tokenizer):
+    output = (
+        "<think>\nTwo cities.\n</think>\n\n"
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"北京\\"}"}\n</tool_call>'
+    )
+    events, parser = run(tokenizer, output)
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    assert [(c.name, c.arguments) for c in calls] == [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "北京"})]
+    assert calls[0].id != calls[1].id and calls[0].id.startswith("call_")
+    assert gather(events).answer.strip() == ""
+    assert parser.tool_calls == 2
+
+
+def test_tool_call_inside_thinking_is_reasoning(tokenizer):
+    output = '<think>\nI could write <tool_call>{"name": "x"}</tool_call> here.\n</think>\n\nNo tool needed.'
+    events, _ = run(tokenizer, output)
+    assert not [e for e in events if isinstance(e, (ToolCall, ToolCallError))]
+    reply = gather(events)
+    assert reply.reasoning == 'I could write <tool_call>{"name": "x"}</tool_call> here.'
+    assert reply.answer == "No tool needed."
+
+
+@pytest.mark.parametrize(
+    "body, error",
+    [
+        ('\n{"name": "get_weather", "arguments": {"city": \n', "not valid JSON"),
+        ('\n{"arguments": {}}\n', '"name"'),
+        ('\n{"name": "f", "arguments": [1, 2]}\n', "must be a JSON object"),
+        ('\n{"name": "f", "arguments": "{not json"}\n', "arguments are not valid JSON"),
+    ],
+)
+def test_malformed_tool_call_is_an_error_event_with_the_raw_text(tokenizer, body, error):
+    events, _ = run(tokenizer, f"Calling.<tool_call>{body}</tool_call>")
+    errors = [e for e in events if isinstance(e, ToolCallError)]
+    assert len(errors) == 1 and error in errors[0].error
+    assert errors[0].raw == f"<tool_call>{body}</tool_call>"
+    assert gather(events).answer == "Calling."
+
+
+def test_cut_off_tool_call_is_an_error_event(tokenizer):
+    events, _ = run(tokenizer, '<tool_call>\n{"name": "get_weather", "argu')
+    errors = [e for e in events if isinstance(e, ToolCallError)]
+    assert len(errors) == 1 and "cut off" in errors[0].error
+    assert errors[0].raw == '<tool_call>\n{"name": "get_weather", "argu'
+
+
+def test_multibyte_text_is_never_split(tokenizer):
+    text = "你好！很高兴见到你 😊🎉 — 龘 🦩🫠 naïve café 👩‍💻"
+    events, _ = run(tokenizer, text)
+    pieces = [e.text for e in events if isinstance(e, Answer)]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+    # These characters take several byte-level tokens each, so the stream had to hold bytes back.
+    assert all(len(tokenizer.encode(c)) > 1 for c in "龘🦩🫠")
+
+
+def test_stop_string_cuts_the_answer_and_is_never_emitted(tokenizer):
+    events, parser = run(tokenizer, "<think>\nEND is a word\n</think>\n\nCount: 1, 2, 3 END 4, 5", stop=["END"])
+    reply = gather(events)
+    assert reply.reasoning == "END is a word"  # stops apply to the answer only
+    assert reply.answer == "Count: 1, 2, 3 "
+    assert parser.stopped
+
+
+def test_partial_stop_string_is_held_back_then_released():
+    stops = StopStrings(["</answer>"])
+    assert stops.feed("Hello </an") == "Hello "
+    assert stops.feed("swered") == "</answered"
+    assert stops.feed(" fine </") == " fine "
+    assert stops.flush() == "</"
+    assert not stops.stopped
+
+
+def test_stop_string_split_across_pieces():
+    stops = StopStrings(["STOP", "\n\n"])
+    emitted = [stops.feed(piece) for piece in ["one S", "T", "OP two"]]
+    assert emitted == ["one ", "", ""]
+    assert stops.stopped
+    stops = StopStrings(["STOP", "\n\n"])
+    assert stops.feed("a\n") == "a" and stops.feed("\nb") == "" and stops.stopped
+
+
+def test_soft_switches_latest_wins():
+    def mode(*contents, enable_thinking=True):
+        return thinking_mode(normalize_messages([{"role": "user", "content": c} for c in contents]), enable_thinking)
+
+    assert mode("Hi")
+    assert not mode("Hi /no_think")
+    assert mode("Hi /no_think", "Now think /think")
+    assert not mode("Hi /think", "quick one /no_think")
+    assert not mode("Hi /think", enable_thinking=False)  # the template's switch is a hard off
+
+
+def test_messages_are_normalized_for_the_template():
+    messages = normalize_messages(
+        [
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]},
+        ]
+    )
+    assert messages[0]["content"] == "ab" and messages[1]["content"] == ""
+    with pytest.raises(QwenMLXError, match="role 'robot'"):
+        normalize_messages([{"role": "robot", "content": "x"}])
+    with pytest.raises(QwenMLXError, match="only text"):
+        normalize_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
+    with pytest.raises(QwenMLXError, match="messages is empty"):
+        normalize_messages([])
+
+
+def test_events_are_typed(tokenizer):
+    events, _ = run(tokenizer, "<think>\nx\n</think>\n\ny")
+    assert [type(e) for e in events] == [Reasoning, Answer]
