@@ -89,7 +89,10 @@ def test_several_tool_calls_come_out_structured(tokenizer):
     )
     events, parser = run(tokenizer, output)
     calls = [e for e in events if isinstance(e, ToolCall)]
-    assert [(c.name, c.arguments) for c in calls] == [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "北京"})]
+    assert [(c.name, c.arguments) for c in calls] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_weather", {"city": "北京"}),
+    ]
     assert calls[0].id != calls[1].id and calls[0].id.startswith("call_")
     assert gather(events).answer.strip() == ""
     assert parser.tool_calls == 2
