@@ -180,6 +180,14 @@ class ChatSession:
         self.special = SpecialIds.of(tokenizer)
         self.reset()
 
+    @classmethod
+    def load(cls, model: str, *, quantize: int | None = None, revision: str | None = None, **options) -> ChatSession:
+        """Load a model folder or Hub repo id (or `demo`) with its own tokenizer and generation settings."""
+        from .loader import load
+
+        loaded = load(model, quantize=quantize, revision=revision)
+        return cls(loaded, Tokenizer.load(loaded.path), **options)
+
     def reset(self) -> None:
         """Forget the cached conversation."""
         self.cache = make_cache(self.model, self.kv_bits)

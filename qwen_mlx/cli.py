@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -62,6 +63,75 @@ def _describe_quantization(block: dict | None) -> str:
     return text + (f", {overrides} module(s) with their own bits" if overrides else "")
 
 
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def generate(args: argparse.Namespace) -> int:
+    """Stream one reply: reasoning (dimmed on a terminal), then the answer and tool calls, then stats."""
+    from .chat import ChatSession, Done
+    from .parser import Answer, Reasoning, ToolCall, ToolCallError
+    from .sampling import Sampling
+
+    session = ChatSession.load(args.model, quantize=args.quantize, revision=args.revision, kv_bits=args.kv_bits)
+    sampling = Sampling(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}
+    ]
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    out = sys.stdout
+    in_reasoning = False
+    for event in session.stream(
+        messages,
+        enable_thinking=not args.no_think,
+        thinking_budget=args.thinking_budget,
+        max_tokens=args.max_tokens,
+        sampling=sampling,
+        stop=args.stop or (),
+    ):
+        if isinstance(event, Reasoning):
+            if not in_reasoning:
+                out.write(DIM if color else "")
+                in_reasoning = True
+            out.write(event.text)
+        else:
+            if in_reasoning:
+                out.write((RESET if color else "") + "\n\n")
+                in_reasoning = False
+            if isinstance(event, Answer):
+                out.write(event.text)
+            elif isinstance(event, ToolCall):
+                out.write(f"\n[tool call {event.name}] {json.dumps(event.arguments, ensure_ascii=False)}\n")
+            elif isinstance(event, ToolCallError):
+                out.write(f"\n[malformed tool call: {event.error}] {event.raw}\n")
+            elif isinstance(event, Done):
+                out.write("\n")
+                out.flush()
+                print(format_stats(event.stats), file=sys.stderr)
+        out.flush()
+    return 0
+
+
+def format_stats(stats) -> str:
+    """One line: tokens, speeds, memory, and why it stopped."""
+    parts = [
+        f"prompt {stats.prompt_tokens} tokens ({stats.cached_tokens} cached) at {stats.prompt_tps:.1f} tok/s",
+        f"{stats.completion_tokens} generated ({stats.reasoning_tokens} thinking) at {stats.generation_tps:.1f} tok/s",
+        f"first token {stats.ttft_s:.2f} s",
+        f"peak memory {stats.peak_memory / GIB:.2f} GiB",
+        f"finish: {stats.finish_reason}",
+    ]
+    return " · ".join(parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-mlx", description="Run Qwen3 on Apple Silicon with MLX.")
     parser.add_argument("--version", action="version", version=f"qwen-mlx {__version__}")
@@ -76,6 +146,31 @@ def build_parser() -> argparse.ArgumentParser:
     info_parser.add_argument("--revision", help="a branch, tag or commit of a Hub repo")
     info_parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     info_parser.set_defaults(handler=info)
+
+    gen = commands.add_parser(
+        "generate",
+        help="answer one prompt, streaming the thinking and then the answer",
+        description="Answer one prompt. Example: qwen-mlx generate --model demo --prompt 'What is 2 + 3?'",
+    )
+    gen.add_argument("--model", required=True, help="a model folder, a Hugging Face repo id, or demo")
+    gen.add_argument("--prompt", required=True, help="the user message")
+    gen.add_argument("--system", help="a system message")
+    gen.add_argument("--no-think", action="store_true", help="answer directly (enable_thinking=False)")
+    gen.add_argument("--thinking-budget", type=int, metavar="N", help="stop thinking after N tokens and answer")
+    gen.add_argument("--max-tokens", type=int, default=4096, help="most tokens to generate (default 4096)")
+    gen.add_argument("--temperature", type=float, help="0 is greedy (default: the model's, else Qwen3's 0.6/0.7)")
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--min-p", type=float)
+    gen.add_argument("--presence-penalty", type=float, default=0.0)
+    gen.add_argument("--frequency-penalty", type=float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", metavar="TEXT", help="stop the answer at TEXT (repeatable)")
+    gen.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the KV cache to 4 or 8 bits")
+    gen.add_argument("--quantize", type=int, choices=(4, 8), help="quantize float weights on load")
+    gen.add_argument("--revision", help="a branch, tag or commit of a Hub repo")
+    gen.set_defaults(handler=generate)
 
     # Parsed by the converter's own parser (see main); listed here so `qwen-mlx --help` shows it.
     commands.add_parser(
