@@ -15,8 +15,6 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import scaled_dot_product_attention
-from mlx_lm.models.cache import KVCache
 
 from .config import ModelArgs
 from .errors import QwenMLXError
@@ -38,7 +36,7 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
         self.rope = make_rope(head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
 
-    def __call__(self, x: mx.array, mask: Any = None, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         B, L, _ = x.shape
         queries = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
         keys = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
@@ -49,8 +47,14 @@ class Attention(nn.Module):
         keys = self.rope(keys, offset=offset)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
-        # mlx-lm's wrapper picks the quantized kernel when the cache holds 4/8-bit keys and values.
-        out = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
+        if hasattr(cache, "bits"):  # mlx-lm's QuantizedKVCache: keys and values are (packed, scales, biases)
+            from mlx_lm.models.base import quantized_scaled_dot_product_attention
+
+            out = quantized_scaled_dot_product_attention(
+                queries, keys, values, scale=self.scale, mask=mask, group_size=cache.group_size, bits=cache.bits
+            )
+        else:
+            out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -95,7 +99,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: Any = None, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -107,7 +111,7 @@ class Qwen3Model(nn.Module):
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
         h = self.embed_tokens(inputs)
         cache = cache or [None] * len(self.layers)
         # The kernel's causal mask is aligned to the last query, so it also covers chunks after a cache.
@@ -128,7 +132,7 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
         h = self.model(inputs, cache)
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
@@ -138,8 +142,11 @@ class Model(nn.Module):
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
 
-    def make_cache(self) -> list[KVCache]:
+    def make_cache(self) -> list[Any]:
         """One mlx-lm `KVCache` per layer (see `qwen_mlx.engine.make_cache` for the quantized kind)."""
+        # Imported here: importing mlx_lm brings in transformers (seconds), which loading and converting skip.
+        from mlx_lm.models.cache import KVCache
+
         return [KVCache() for _ in self.layers]
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
