@@ -2,7 +2,7 @@
 
 Notable features:
 - Prefill in chunks of `prefill_step_size` tokens with a progress callback, evaluating the cache after
-  each chunk so a long prompt never builds one huge graph.
+  each chunk so a long prompt never builds one huge graph, and never the logits of prompt tokens.
 - Decode is pipelined as in mlx-lm: step t+1 is queued with `mx.async_eval` before token t is handed to
   the caller, so the host work of the caller (detokenizing, parsing, printing) overlaps the device's.
 - `inject(ids)` forces tokens into the sequence (the thinking budget's early-stop text); the one step
@@ -131,13 +131,18 @@ class Generation:
             return self.sampler(logprobs), logprobs.squeeze(0)
 
     def _prefill(self, ids: list[int]) -> tuple[mx.array, mx.array]:
-        """Feed all of `ids`, in chunks, and queue the sampling of the token that follows."""
+        """Feed all of `ids`, in chunks, and queue the sampling of the token that follows.
+
+        All but the last token go through the model with only the cache evaluated, so MLX never computes
+        their logits (the head over 151,936 tokens, and the last layer's MLP); the last token is one step.
+        """
         total, done = len(ids), 0
-        while total - done > self.prefill_step_size:
+        while total - done > 1:
+            n = min(self.prefill_step_size, total - done - 1)
             with mx.stream(generation_stream):
-                self.model(mx.array(ids[done : done + self.prefill_step_size])[None], cache=self.cache)
+                self.model(mx.array(ids[done : done + n])[None], cache=self.cache)
                 mx.eval([c.state for c in self.cache])
-            done += self.prefill_step_size
+            done += n
             if self.on_prefill:
                 self.on_prefill(done, total)
             mx.clear_cache()
