@@ -132,6 +132,15 @@ def format_stats(stats) -> str:
     return " · ".join(parts)
 
 
+def demo_build(args: argparse.Namespace) -> int:
+    """Train and verify the offline demo model; progress on stderr, the folder as the last line on stdout."""
+    from .demo import build
+
+    folder = build(args.output, force=args.force, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(folder)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-mlx", description="Run Qwen3 on Apple Silicon with MLX.")
     parser.add_argument("--version", action="version", version=f"qwen-mlx {__version__}")
@@ -171,6 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantize", type=int, choices=(4, 8), help="quantize float weights on load")
     gen.add_argument("--revision", help="a branch, tag or commit of a Hub repo")
     gen.set_defaults(handler=generate)
+
+    demo = commands.add_parser(
+        "demo",
+        help="the offline demo model (qwen-mlx demo build)",
+        description="The tiny demo model that replays scripted chats; `--model demo` builds it on first use.",
+    )
+    demo_commands = demo.add_subparsers(dest="demo_command", required=True, metavar="ACTION")
+    demo_build_parser = demo_commands.add_parser(
+        "build",
+        help="train, verify and save the demo model (about a minute on a CPU)",
+        description="Train, verify and save the demo model. Example: qwen-mlx demo build -o /tmp/qwen3-demo",
+    )
+    demo_build_parser.add_argument(
+        "-o", "--output", help="the folder to write (default: the cache folder that --model demo uses)"
+    )
+    demo_build_parser.add_argument("--force", action="store_true", help="rebuild, replacing what is there")
+    demo_build_parser.set_defaults(handler=demo_build)
 
     # Parsed by the converter's own parser (see main); listed here so `qwen-mlx --help` shows it.
     commands.add_parser(

@@ -54,10 +54,17 @@ DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 def resolve_model_path(path_or_repo: str | Path, revision: str | None = None) -> Path:
-    """A local folder as it is; a Hub repo id downloaded (or found in the cache) with huggingface_hub."""
+    """A local folder as it is; a Hub repo id downloaded (or found in the cache) with huggingface_hub.
+
+    `demo` (when no folder of that name is here) is the offline demo model, built into the cache on first use.
+    """
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
+    if str(path_or_repo) == "demo":
+        from .demo import ensure_demo  # imported here: the demo module loads models itself
+
+        return ensure_demo()
     if path.exists():
         raise QwenMLXError(f"{path} is a file; pass the model folder that holds config.json")
     text = str(path_or_repo)

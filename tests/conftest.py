@@ -101,3 +101,15 @@ def mlx_lm_converted(checkpoint: CheckpointFactory, tmp_path_factory: pytest.Tem
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def demo_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The offline demo model, trained and verified once per session into `<tmp cache>/demo-<hash>`.
+
+    The folder's parent is laid out like the real cache, so a test may point $QWEN_MLX_CACHE at it.
+    """
+    from qwen_mlx.demo import build, demo_dir
+
+    cache = tmp_path_factory.mktemp("qwen-mlx-cache")
+    return build(out=cache / demo_dir().name)
