@@ -83,40 +83,47 @@ def generate(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
+    prompt = sys.stdin.read().rstrip("\n") if args.prompt == "-" else args.prompt
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": args.prompt}
+        {"role": "user", "content": prompt}
     ]
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     out = sys.stdout
     in_reasoning = False
-    for event in session.stream(
+    events = session.stream(
         messages,
         enable_thinking=not args.no_think,
         thinking_budget=args.thinking_budget,
         max_tokens=args.max_tokens,
         sampling=sampling,
         stop=args.stop or (),
-    ):
-        if isinstance(event, Reasoning):
-            if not in_reasoning:
-                out.write(DIM if color else "")
-                in_reasoning = True
-            out.write(event.text)
-        else:
-            if in_reasoning:
-                out.write((RESET if color else "") + "\n\n")
-                in_reasoning = False
-            if isinstance(event, Answer):
+    )
+    try:
+        for event in events:
+            if isinstance(event, Reasoning):
+                if not in_reasoning:
+                    out.write(DIM if color else "")
+                    in_reasoning = True
                 out.write(event.text)
-            elif isinstance(event, ToolCall):
-                out.write(f"\n[tool call {event.name}] {json.dumps(event.arguments, ensure_ascii=False)}\n")
-            elif isinstance(event, ToolCallError):
-                out.write(f"\n[malformed tool call: {event.error}] {event.raw}\n")
-            elif isinstance(event, Done):
-                out.write("\n")
-                out.flush()
-                print(format_stats(event.stats), file=sys.stderr)
-        out.flush()
+            else:
+                if in_reasoning:
+                    out.write((RESET if color else "") + "\n\n")
+                    in_reasoning = False
+                if isinstance(event, Answer):
+                    out.write(event.text)
+                elif isinstance(event, ToolCall):
+                    out.write(f"\n[tool call {event.name}] {json.dumps(event.arguments, ensure_ascii=False)}\n")
+                elif isinstance(event, ToolCallError):
+                    out.write(f"\n[malformed tool call: {event.error}] {event.raw}\n")
+                elif isinstance(event, Done):
+                    out.write("\n")
+                    out.flush()
+                    print(format_stats(event.stats), file=sys.stderr)
+            out.flush()
+    finally:
+        if in_reasoning and color:  # interrupted mid-thought: don't leave the terminal dimmed
+            out.write(RESET + "\n")
+            out.flush()
     return 0
 
 
@@ -162,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answer one prompt. Example: qwen-mlx generate --model demo --prompt 'What is 2 + 3?'",
     )
     gen.add_argument("--model", required=True, help="a model folder, a Hugging Face repo id, or demo")
-    gen.add_argument("--prompt", required=True, help="the user message")
+    gen.add_argument("--prompt", required=True, help="the user message (- reads it from stdin)")
     gen.add_argument("--system", help="a system message")
     gen.add_argument("--no-think", action="store_true", help="answer directly (enable_thinking=False)")
     gen.add_argument("--thinking-budget", type=int, metavar="N", help="stop thinking after N tokens and answer")

@@ -191,6 +191,15 @@ def test_generate_cli_streams_reasoning_answer_and_stats(demo_model_path):
         timeout=300,
     )
     assert "Considering the limited time" in budget.stdout and "91 = 7 × 13" in budget.stdout
+    piped = subprocess.run(
+        [*command, "--prompt", "-", "--no-think"],
+        input="What is the capital of France?\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert piped.stdout.strip() == "The capital of France is **Paris**."
     bad = subprocess.run([*command, "--prompt", "x", "--top-p", "2"], capture_output=True, text=True, env=env)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "top_p" in bad.stderr
 
