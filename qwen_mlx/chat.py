@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .engine import Generation, cache_length, make_cache, trim_cache
+from .engine import Generation, Stats, cache_length, make_cache, trim_cache
 from .errors import QwenMLXError
 from .parser import Answer, Event, Reasoning, ReplyParser, SpecialIds, ToolCall, ToolCallError, thinking_already_open
 from .sampling import Sampling
@@ -40,18 +40,15 @@ SOFT_SWITCH = re.compile(r"/(no_think|think)\b")
 
 
 @dataclass
-class ChatStats:
-    """One turn's numbers. Token counts as OpenAI reports them; times in seconds; memory in bytes."""
+class ChatStats(Stats):
+    """One turn's numbers: the engine's, plus token counts as OpenAI reports them and the mode used.
 
-    finish_reason: str = "stop"  # "stop", "length" or "tool_calls"
+    `finish_reason` is "stop", "length" or "tool_calls"; `prefill_tokens` = `prompt_tokens` - `cached_tokens`.
+    """
+
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    completion_tokens: int = 0
     reasoning_tokens: int = 0
-    ttft_s: float = 0.0
-    prompt_tps: float = 0.0
-    generation_tps: float = 0.0
-    peak_memory: int = 0
     thinking: bool = True  # the mode the turn ran in, soft switches applied
 
 
@@ -280,15 +277,10 @@ class ChatSession:
             finish = "tool_calls"
         yield Done(
             ChatStats(
-                finish_reason=finish,
+                **{**asdict(generation.stats), "finish_reason": finish},
                 prompt_tokens=len(prompt_ids),
                 cached_tokens=reused,
-                completion_tokens=stats.completion_tokens,
                 reasoning_tokens=parser.reasoning_tokens,
-                ttft_s=stats.ttft_s,
-                prompt_tps=stats.prompt_tps,
-                generation_tps=stats.generation_tps,
-                peak_memory=stats.peak_memory,
                 thinking=thinking,
             )
         )
