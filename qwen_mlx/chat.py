@@ -175,6 +175,7 @@ class ChatSession:
         self.context_length = context_length(model.args)
         self.prefill_step_size = prefill_step_size
         self.special = SpecialIds.of(tokenizer)
+        self._streaming = False
         self.reset()
 
     @classmethod
@@ -211,7 +212,39 @@ class ChatSession:
         stop: Sequence[str] = (),
         on_prefill: Callable[[int, int], None] | None = None,
     ) -> Iterator[ChatEvent]:
-        """Generate the assistant's next turn; yields Reasoning/Answer/ToolCall/ToolCallError, then Done."""
+        """Generate the assistant's next turn; yields Reasoning/Answer/ToolCall/ToolCallError, then Done.
+
+        One turn at a time: the session has one cache, so a second stream must wait until this one ends.
+        """
+        if self._streaming:
+            raise QwenMLXError("this session is still streaming a turn: read it to the end or close it first")
+        self._streaming = True
+        try:
+            yield from self._stream(
+                messages,
+                tools=tools,
+                enable_thinking=enable_thinking,
+                thinking_budget=thinking_budget,
+                max_tokens=max_tokens,
+                sampling=sampling,
+                stop=stop,
+                on_prefill=on_prefill,
+            )
+        finally:
+            self._streaming = False
+
+    def _stream(
+        self,
+        messages: Sequence[dict],
+        *,
+        tools: list[dict] | None = None,
+        enable_thinking: bool = True,
+        thinking_budget: int | None = None,
+        max_tokens: int | None = None,
+        sampling: Sampling | None = None,
+        stop: Sequence[str] = (),
+        on_prefill: Callable[[int, int], None] | None = None,
+    ) -> Iterator[ChatEvent]:
         if thinking_budget is not None and thinking_budget < 0:
             raise QwenMLXError(f"thinking_budget={thinking_budget} is invalid: it must be >= 0")
         messages = normalize_messages(messages)
@@ -236,7 +269,7 @@ class ChatSession:
             self.model,
             prompt_ids[reused:],
             self.cache,
-            sampler=settings.sampler(),
+            sampler=settings.sampler(self.model.args.vocab_size),
             logits_processors=settings.logits_processors(self.model.args.vocab_size),
             max_tokens=max_tokens,
             end_ids=self.tokenizer.end_token_ids,

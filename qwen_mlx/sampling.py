@@ -90,12 +90,13 @@ class Sampling:
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             bad("seed", "a whole number >= 0")
 
-    def sampler(self) -> Sampler:
+    def sampler(self, vocab_size: int) -> Sampler:
         """mlx-lm's sampler for these settings (call on a resolved `Sampling`)."""
         if not self.temperature:
             return lambda logprobs: mx.argmax(logprobs, axis=-1)
         top_p = self.top_p if self.top_p is not None and self.top_p < 1 else 0.0
-        return make_sampler(temp=self.temperature, top_p=top_p, min_p=self.min_p or 0.0, top_k=self.top_k or 0)
+        top_k = self.top_k if self.top_k and self.top_k < vocab_size else 0  # the whole vocabulary: no filter
+        return make_sampler(temp=self.temperature, top_p=top_p, min_p=self.min_p or 0.0, top_k=top_k)
 
     def logits_processors(self, vocab_size: int) -> list[LogitsProcessor]:
         if self.logit_bias:

@@ -108,6 +108,9 @@ def test_sampling_defaults_per_mode_and_checkpoint():
     from_checkpoint = Sampling().resolve({"temperature": 0.3, "top_k": 40}, thinking=False)
     assert (from_checkpoint.temperature, from_checkpoint.top_k, from_checkpoint.top_p) == (0.3, 40, 0.8)
     assert Sampling(temperature=1.0).resolve({"temperature": 0.3}).temperature == 1.0
+    # A top_k as large as the vocabulary keeps every token (mlx-lm's sampler would refuse it).
+    wide = Sampling(temperature=1.0, top_k=10**6, seed=0).resolve({})
+    assert wide.sampler(vocab_size=8)(mx.log(mx.ones((1, 8)) / 8)).shape == (1,)
     for bad in (Sampling(top_p=0), Sampling(temperature=-1), Sampling(presence_penalty=3), Sampling(top_k=-2)):
         with pytest.raises(QwenMLXError, match="sampling option"):
             bad.resolve({})
@@ -172,6 +175,19 @@ def test_abandoned_stream_leaves_a_usable_cache(tiny):
     assert session.cached_ids and session.cache[0].offset == len(session.cached_ids)
     reply = session.complete(messages, max_tokens=4, sampling=GREEDY)
     assert reply.stats.cached_tokens == len(session.render(messages)) - 1
+
+
+def test_one_turn_at_a_time(tiny):
+    model, tokenizer = tiny
+    session = ChatSession(model, tokenizer)
+    messages = [{"role": "user", "content": "Hi there"}]
+    first = session.stream(messages, max_tokens=5, sampling=GREEDY)
+    next(first)
+    with pytest.raises(QwenMLXError, match="still streaming a turn"):
+        next(session.stream(messages, max_tokens=5, sampling=GREEDY))
+    rest = list(first)
+    assert isinstance(rest[-1], Done)
+    assert session.complete(messages, max_tokens=2, sampling=GREEDY).stats.completion_tokens == 2
 
 
 def test_prompt_longer_than_the_context_is_an_error(tiny):
