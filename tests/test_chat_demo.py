@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -98,6 +99,24 @@ def test_thinking_budget_stops_thinking_and_an_answer_follows(session, demo, bud
     assert len(tokenizer.encode(full_reasoning)) > budget + 8  # the unbudgeted reasoning is much longer
     assert reply.answer == answer
     assert reply.stats.finish_reason == "stop"
+
+
+def test_template_that_opens_thinking_itself(demo_model_path, tmp_path):
+    """Thinking-2507 checkpoints: the generation prompt already holds `<think>\n`; only `</think>` is generated."""
+    folder = shutil.copytree(demo_model_path, tmp_path / "demo-2507")
+    template = json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+    opened = template.replace("{{- '<|im_start|>assistant\\n' }}", "{{- '<|im_start|>assistant\\n<think>\\n' }}")
+    assert opened != template
+    (folder / "chat_template.jinja").write_text(opened)
+    session = ChatSession.load(str(folder))
+    script = BY_NAME["thinking"]
+    assert session.render(script["messages"][:-1])[-2:] == [session.tokenizer.think_start_id, 198]  # "<think>\n"
+    reply = run_script(session, script)
+    reasoning, answer, _ = expected_parts(script["messages"][-1]["content"])
+    assert (reply.reasoning, reply.answer) == (reasoning, answer)
+    budgeted = run_script(session, BY_NAME["thinking_long"], thinking_budget=8)
+    assert "Considering the limited time" in budgeted.reasoning
+    assert budgeted.answer == expected_parts(BY_NAME["thinking_long"]["messages"][-1]["content"])[1]
 
 
 def test_generation_stopping_inside_thinking_keeps_reasoning(session):
