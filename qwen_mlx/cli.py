@@ -97,6 +97,7 @@ def generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         sampling=sampling,
         stop=args.stop or (),
+        on_prefill=show_prefill if sys.stderr.isatty() else None,
     )
     try:
         for event in events:
@@ -125,6 +126,14 @@ def generate(args: argparse.Namespace) -> int:
             out.write(RESET + "\n")
             out.flush()
     return 0
+
+
+def show_prefill(done: int, total: int) -> None:
+    """A long prompt's progress on the terminal, erased once the first token arrives."""
+    if done < total:
+        print(f"\rreading the prompt: {done:,} / {total:,} tokens", end="", file=sys.stderr, flush=True)
+    else:
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
 def format_stats(stats) -> str:
