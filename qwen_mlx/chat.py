@@ -175,6 +175,7 @@ class ChatSession:
         self.context_length = context_length(model.args)
         self.prefill_step_size = prefill_step_size
         self.special = SpecialIds.of(tokenizer)
+        self.budget_ids = tokenizer.encode(THINKING_BUDGET_TEXT)
         self._streaming = False
         self.reset()
 
@@ -218,33 +219,6 @@ class ChatSession:
         """
         if self._streaming:
             raise QwenMLXError("this session is still streaming a turn: read it to the end or close it first")
-        self._streaming = True
-        try:
-            yield from self._stream(
-                messages,
-                tools=tools,
-                enable_thinking=enable_thinking,
-                thinking_budget=thinking_budget,
-                max_tokens=max_tokens,
-                sampling=sampling,
-                stop=stop,
-                on_prefill=on_prefill,
-            )
-        finally:
-            self._streaming = False
-
-    def _stream(
-        self,
-        messages: Sequence[dict],
-        *,
-        tools: list[dict] | None = None,
-        enable_thinking: bool = True,
-        thinking_budget: int | None = None,
-        max_tokens: int | None = None,
-        sampling: Sampling | None = None,
-        stop: Sequence[str] = (),
-        on_prefill: Callable[[int, int], None] | None = None,
-    ) -> Iterator[ChatEvent]:
         if thinking_budget is not None and thinking_budget < 0:
             raise QwenMLXError(f"thinking_budget={thinking_budget} is invalid: it must be >= 0")
         messages = normalize_messages(messages)
@@ -263,9 +237,7 @@ class ChatSession:
 
         # Reuse the longest cached prefix; at least one token must be fed to get logits.
         reused = min(common_prefix(self.cached_ids, prompt_ids), len(prompt_ids) - 1)
-        trim_cache(self.cache, reused)
-        self.cached_ids = self.cached_ids[:reused]
-        generation = Generation(
+        generation = Generation(  # checks its arguments before the cache is touched
             self.model,
             prompt_ids[reused:],
             self.cache,
@@ -278,9 +250,11 @@ class ChatSession:
         )
         parser = ReplyParser(self.special, thinking_already_open(prompt_ids, self.special), stop)
         detokenizer = self.tokenizer.detokenizer()
-        budget_text = self.tokenizer.encode(THINKING_BUDGET_TEXT)
         budget_spent = False
         end_ids = set(self.tokenizer.end_token_ids)
+        self._streaming = True
+        trim_cache(self.cache, reused)
+        self.cached_ids = self.cached_ids[:reused]
         try:
             for token in generation:
                 if token in end_ids:
@@ -295,7 +269,7 @@ class ChatSession:
                     and parser.thought_tokens >= thinking_budget
                 ):
                     budget_spent = True
-                    generation.inject(budget_text)
+                    generation.inject(self.budget_ids)
             yield from parser.finish()
         except GeneratorExit:  # the caller stopped reading: the cache is between two steps, keep it
             self._remember(prompt_ids + generation.tokens)
@@ -303,6 +277,8 @@ class ChatSession:
         except BaseException:  # failed inside a step: layers may disagree, so start the next turn afresh
             self.reset()
             raise
+        finally:
+            self._streaming = False
         self._remember(prompt_ids + generation.tokens)
         stats = generation.stats
         finish = "stop" if parser.stopped else (stats.finish_reason or "stop")
@@ -310,7 +286,7 @@ class ChatSession:
             finish = "tool_calls"
         yield Done(
             ChatStats(
-                **{**asdict(generation.stats), "finish_reason": finish},
+                **{**asdict(stats), "finish_reason": finish},
                 prompt_tokens=len(prompt_ids),
                 cached_tokens=reused,
                 reasoning_tokens=parser.reasoning_tokens,
