@@ -22,7 +22,6 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
-import mlx.core as mx
 import mlx.nn as nn
 
 from .engine import Generation, Stats, cache_length, make_cache, trim_cache
@@ -232,8 +231,6 @@ class ChatSession:
             )
         max_tokens = room if max_tokens is None else min(max_tokens, room)
         settings = (sampling or Sampling()).resolve(self.generation_config, thinking)
-        if settings.seed is not None:
-            mx.random.seed(settings.seed)
 
         # Reuse the longest cached prefix; at least one token must be fed to get logits.
         reused = min(common_prefix(self.cached_ids, prompt_ids), len(prompt_ids) - 1)

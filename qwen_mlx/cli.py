@@ -157,6 +157,58 @@ def demo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    """Serve the model over the OpenAI API until interrupted."""
+    import uvicorn
+
+    from .loader import load
+    from .scheduler import Scheduler
+    from .server import REASONING_FIELDS, Settings, bind, create_app, is_loopback
+    from .tokenizer import Tokenizer, read_generation_config
+
+    api_key = args.api_key or os.environ.get("QWEN_MLX_API_KEY") or None
+    if not is_loopback(args.host) and not api_key:
+        raise QwenMLXError(
+            f"refusing to listen on {args.host} without --api-key: anyone who can reach this machine could use it"
+        )
+    if args.reasoning_field not in REASONING_FIELDS:
+        raise QwenMLXError(f"--reasoning-field must be one of {', '.join(REASONING_FIELDS)}")
+    for name in ("max_batch", "max_waiting", "prefill_step_size"):
+        if getattr(args, name) < 1:
+            raise QwenMLXError(f"--{name.replace('_', '-')} must be at least 1")
+    sock = bind(args.host, args.port)  # before the model loads: a port in use fails at once
+
+    def load_model():
+        model = load(args.model, quantize=args.quantize, revision=args.revision)
+        return model, Tokenizer.load(model.path)
+
+    scheduler = Scheduler(
+        load_model, max_batch=args.max_batch, max_waiting=args.max_waiting, prefill_step_size=args.prefill_step_size
+    )
+    print(f"qwen-mlx: loading {args.model}", file=sys.stderr, flush=True)
+    scheduler.start()
+    path = scheduler.model.path
+    model_id = args.model_name or (
+        args.model if not os.path.isdir(args.model) else os.path.basename(os.path.abspath(args.model))
+    )
+    settings = Settings(
+        model_id=model_id,
+        aliases=(args.model, str(path), os.path.basename(str(path))),
+        reasoning_field=args.reasoning_field,
+        generation_config=read_generation_config(path),
+    )
+    app = create_app(scheduler, settings, api_key=api_key, cors_origins=args.cors_origin or (),
+                     max_body=args.max_body_mb << 20)  # fmt: skip
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"qwen-mlx: serving {model_id} at http://{host}:{sock.getsockname()[1]}/v1", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=2))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        scheduler.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-mlx", description="Run Qwen3 on Apple Silicon with MLX.")
     parser.add_argument("--version", action="version", version=f"qwen-mlx {__version__}")
@@ -196,6 +248,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantize", type=int, choices=(4, 8), help="quantize float weights on load")
     gen.add_argument("--revision", help="a branch, tag or commit of a Hub repo")
     gen.set_defaults(handler=generate)
+
+    srv = commands.add_parser(
+        "serve",
+        help="an OpenAI-compatible endpoint on 127.0.0.1:1234 (LM Studio's port)",
+        description="Serve a model over the OpenAI API. Example: qwen-mlx serve --model demo",
+    )
+    srv.add_argument("--model", required=True, help="a model folder, a Hugging Face repo id, or demo")
+    srv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=1234, help="the port (default 1234; 0 picks a free one)")
+    srv.add_argument("--api-key", help="require this key (Bearer or x-api-key); also $QWEN_MLX_API_KEY")
+    srv.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow browser calls from ORIGIN")
+    srv.add_argument(
+        "--reasoning-field",
+        default="reasoning_content",
+        help="where thinking goes: reasoning_content (default), reasoning, or think (inline <think> text)",
+    )
+    srv.add_argument("--model-name", help="the id /v1/models reports (default: the --model argument)")
+    srv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    srv.add_argument("--max-waiting", type=int, default=32, help="requests queued beyond those; more get 429")
+    srv.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per step (default 512)")
+    srv.add_argument("--max-body-mb", type=int, default=16, help="the largest request body in MiB (default 16)")
+    srv.add_argument("--quantize", type=int, choices=(4, 8), help="quantize float weights on load")
+    srv.add_argument("--revision", help="a branch, tag or commit of a Hub repo")
+    srv.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    srv.set_defaults(handler=serve)
 
     demo = commands.add_parser(
         "demo",

@@ -114,8 +114,12 @@ class Qwen3Model(nn.Module):
     def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
         h = self.embed_tokens(inputs)
         cache = cache or [None] * len(self.layers)
-        # The kernel's causal mask is aligned to the last query, so it also covers chunks after a cache.
-        mask = "causal" if h.shape[1] > 1 else None
+        # mlx-lm's caches know their mask: "causal" (the kernel's, aligned to the last query, so it also covers
+        # chunks after a cache) for one sequence, an array for a left-padded batch (continuous batching).
+        if cache[0] is not None and hasattr(cache[0], "make_mask"):
+            mask = cache[0].make_mask(h.shape[1], return_array=False, window_size=None)
+        else:
+            mask = "causal" if h.shape[1] > 1 else None
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             h = layer(h, mask, layer_cache)
         return self.norm(h)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 
 from .errors import QwenMLXError
 
@@ -91,12 +91,36 @@ class Sampling:
             bad("seed", "a whole number >= 0")
 
     def sampler(self, vocab_size: int) -> Sampler:
-        """mlx-lm's sampler for these settings (call on a resolved `Sampling`)."""
+        """mlx-lm's filters and draw for these settings (call on a resolved `Sampling`).
+
+        With a `seed` the draws come from the sampler's own random key, so a seeded request repeats
+        exactly even while other requests sample in the same batch.
+        """
         if not self.temperature:
             return lambda logprobs: mx.argmax(logprobs, axis=-1)
         top_p = self.top_p if self.top_p is not None and self.top_p < 1 else 0.0
         top_k = self.top_k if self.top_k and self.top_k < vocab_size else 0  # the whole vocabulary: no filter
-        return make_sampler(temp=self.temperature, top_p=top_p, min_p=self.min_p or 0.0, top_k=top_k)
+        if self.seed is None:
+            return make_sampler(temp=self.temperature, top_p=top_p, min_p=self.min_p or 0.0, top_k=top_k)
+        filters = []
+        if top_p:
+            filters.append(lambda x: apply_top_p(x, top_p))
+        if self.min_p:
+            filters.append(lambda x: apply_min_p(x, self.min_p))
+        if top_k:
+            filters.append(lambda x: apply_top_k(x, top_k))
+        scale = 1.0 / self.temperature
+        state = {"key": None}  # made on first use, on the thread that samples
+
+        def seeded(logprobs: mx.array) -> mx.array:
+            for keep in filters:
+                logprobs = keep(logprobs)
+            if state["key"] is None:
+                state["key"] = mx.random.key(self.seed)
+            state["key"], key = mx.random.split(state["key"])
+            return mx.random.categorical(logprobs * scale, key=key)
+
+        return seeded
 
     def logits_processors(self, vocab_size: int) -> list[LogitsProcessor]:
         if self.logit_bias:

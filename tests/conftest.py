@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import queue
+import re
+import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +118,48 @@ def demo_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     cache = tmp_path_factory.mktemp("qwen-mlx-cache")
     return build(out=cache / demo_dir().name)
+
+
+@contextlib.contextmanager
+def running_server(model: Path | str, *options: str, timeout: float = 180) -> Iterator[str]:
+    """`qwen-mlx serve` in a subprocess on a free loopback port; yields its base URL (http://127.0.0.1:PORT).
+
+    The server prints `serving <id> at http://HOST:PORT/v1` on stderr once it listens; its stderr is kept
+    in `server.log` lines for a failing test to show.
+    """
+    command = [sys.executable, "-m", "qwen_mlx", "serve", "--model", str(model), "--port", "0", *options]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+    found: queue.Queue[str] = queue.Queue()
+
+    def drain() -> None:
+        for line in process.stderr:
+            lines.append(line)
+            match = re.search(r"serving .* at (http://\S+)/v1", line)
+            if match:
+                found.put(match.group(1))
+        found.put("")
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        try:
+            url = found.get(timeout=timeout)
+        except queue.Empty:
+            url = ""
+        if not url:
+            raise RuntimeError("the server did not start:\n" + "".join(lines))
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_model_path: Path) -> Iterator[str]:
+    """One `qwen-mlx serve` of the demo model for the whole session (tests must not depend on its cache)."""
+    with running_server(demo_model_path, "--model-name", "demo") as url:
+        yield url

@@ -1,0 +1,644 @@
+"""`qwen-mlx serve`: a local OpenAI-compatible endpoint for LM-Studio-style clients, right about Qwen3.
+
+Routes: `GET /v1/models`, `POST /v1/chat/completions` (SSE when `stream`), `POST /v1/completions`,
+`GET /health`, and FastAPI's `/openapi.json`. The handlers only validate, render and format: every
+token comes from the `Scheduler`'s MLX thread, which batches concurrent requests.
+
+Design decisions:
+- Thinking: reasoning goes out in `reasoning_content` (or `reasoning`, or inline `<think>` text, per
+  `--reasoning-field`); incoming assistant turns may carry `reasoning_content`, `reasoning` or
+  `thinking`, and it reaches the template (multi-step tool use in thinking mode needs it). Switched by
+  `chat_template_kwargs.enable_thinking`, then top-level `enable_thinking`, then `reasoning_effort`
+  (`none` is off; `minimal`/`low`/`medium` are thinking budgets, `high`/`xhigh` unbounded).
+- Errors are OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the status a client
+  expects (400 bad JSON or values and context overflow, 401, 404, 413, 429); nothing a request sends
+  reaches a traceback.
+- Safe by default: loopback only unless `--api-key` is set; the key is checked on every route but
+  `/health` (Bearer or `x-api-key`); request bodies are capped; CORS is off unless origins are given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .chat import THINKING_BUDGET_TEXT, normalize_messages, thinking_mode
+from .errors import QwenMLXError
+from .guide import TurnGuide
+from .parser import Answer, Reasoning, ToolCall, ToolCallError
+from .protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice
+from .sampling import Sampling
+from .scheduler import Failed, Finished, Overloaded, Scheduler, Step, Ticket, Turn
+
+# reasoning_effort -> thinking budget in tokens (None: no budget); "none" turns thinking off.
+EFFORT_BUDGETS = {"minimal": 256, "low": 1024, "medium": 8192, "high": None, "xhigh": None}
+REASONING_FIELDS = ("reasoning_content", "reasoning", "think")
+DEFAULT_MAX_BODY = 16 << 20
+DISCONNECT_POLL_S = 0.5
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+def error_body(message: str, type: str = "invalid_request_error", param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param=None, code=None):
+    return JSONResponse(error_body(message, type, param, code), status_code=status)
+
+
+class Guard:
+    """ASGI middleware: the API key and the body cap, before any route runs (plain ASGI, so streaming
+    responses and disconnect detection pass through untouched)."""
+
+    def __init__(self, app, api_key: str | None, max_body: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+            given = headers.get("x-api-key") or ""
+            auth = headers.get("authorization", "")
+            if auth[:7].lower() == "bearer ":
+                given = auth[7:].strip()
+            if not secrets.compare_digest(given.encode(), self.api_key.encode()):
+                message = "Incorrect API key provided" if given else "Missing API key: send Authorization: Bearer KEY"
+                return await error_response(401, message, "authentication_error", code="invalid_api_key")(
+                    scope, receive, send
+                )
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            return await self._too_large(scope, receive, send)
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            chunks, size = [], 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > self.max_body:
+                    return await self._too_large(scope, receive, send)
+                if not message.get("more_body"):
+                    break
+            body, replayed = b"".join(chunks), False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            return await self.app(scope, replay, send)
+        return await self.app(scope, receive, send)
+
+    async def _too_large(self, scope, receive, send):
+        message = f"the request body is larger than {self.max_body} bytes"
+        await error_response(413, message, code="request_too_large")(scope, receive, send)
+
+
+@dataclass
+class Settings:
+    model_id: str
+    aliases: Sequence[str] = ()
+    reasoning_field: str = "reasoning_content"
+    generation_config: dict | None = None
+
+
+def _effort(body: ChatCompletionRequest) -> tuple[bool, int | None]:
+    """(enable_thinking, thinking budget) from the request's switches, most specific first."""
+    enable = None
+    if body.chat_template_kwargs is not None and body.chat_template_kwargs.enable_thinking is not None:
+        enable = body.chat_template_kwargs.enable_thinking
+    elif body.enable_thinking is not None:
+        enable = body.enable_thinking
+    elif body.reasoning_effort is not None:
+        enable = body.reasoning_effort != "none"
+    budget = body.thinking_budget
+    if budget is None and body.reasoning_effort not in (None, "none"):
+        budget = EFFORT_BUDGETS[body.reasoning_effort]
+    return (True if enable is None else enable), budget
+
+
+def _template_message(message) -> dict:
+    """An OpenAI message as the Qwen3 template reads it: reasoning in `reasoning_content`, `developer` as
+    `system`, tool-call arguments as given (the template prints strings as they are)."""
+    out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
+    out["content"] = message.content
+    reasoning = message.reasoning_content or message.reasoning or message.thinking
+    if reasoning:
+        out["reasoning_content"] = reasoning
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name:
+        out["name"] = message.name
+    return out
+
+
+def _stops(stop) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > 16:
+        raise APIError(400, "stop may hold at most 16 strings", param="stop")
+    return stops
+
+
+def _sampling(body, thinking: bool, generation_config: dict | None, vocab_size: int) -> Sampling:
+    bias = None
+    if body.logit_bias:
+        try:
+            bias = {int(token): float(value) for token, value in body.logit_bias.items()}
+        except ValueError:
+            raise APIError(400, "logit_bias keys must be token ids (whole numbers)", param="logit_bias") from None
+    sampling = Sampling(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=0 if body.top_k == -1 else body.top_k,
+        min_p=body.min_p,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        logit_bias=bias,
+        seed=body.seed,
+    ).resolve(generation_config, thinking)
+    sampling.logits_processors(vocab_size)  # checks logit_bias against the vocabulary
+    return sampling
+
+
+def plan_chat(scheduler: Scheduler, settings: Settings, body: ChatCompletionRequest) -> Turn:
+    """Render, tokenize and set up one chat turn (runs off the event loop: templates and tokenizers are CPU work)."""
+    tokenizer, vocab = scheduler.tokenizer, scheduler.model.args.vocab_size
+    enable_thinking, budget = _effort(body)
+    messages = normalize_messages([_template_message(m) for m in body.messages])
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    choice = body.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        names = [t["function"]["name"] for t in tools or []]
+        if choice.function.name not in names:
+            raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not in tools", "tool_choice")
+        choice = choice.function.name
+    elif choice == "required" and not tools:
+        raise APIError(400, 'tool_choice "required" needs at least one tool in tools', param="tool_choice")
+    extra = body.chat_template_kwargs.model_dump(exclude={"enable_thinking"}) if body.chat_template_kwargs else {}
+    text = tokenizer.apply_chat_template(
+        messages, tools=tools, enable_thinking=enable_thinking, add_generation_prompt=True, **extra
+    )
+    prompt_ids = tokenizer.encode(text)
+    max_tokens = scheduler.check_fits(prompt_ids, body.max_completion_tokens or body.max_tokens)
+    thinking = thinking_mode(messages, enable_thinking)
+    sampling = _sampling(body, thinking, settings.generation_config, vocab)
+    response_format = body.response_format.model_dump(by_alias=True) if body.response_format else None
+    guide = TurnGuide(
+        tokenizer,
+        vocab,
+        prompt_ids,
+        budget=budget,
+        budget_ids=tokenizer.encode(THINKING_BUDGET_TEXT),
+        tool_choice=choice if tools else None,
+        tools=tools or (),
+        parallel_tool_calls=body.parallel_tool_calls,
+        response_format=response_format,
+        penalties=sampling.logits_processors(vocab),
+    )
+    return Turn(
+        prompt_ids=prompt_ids,
+        max_tokens=max_tokens,
+        sampler=sampling.sampler(vocab),
+        processors=[guide] if guide.active else [],
+        stop=_stops(body.stop),
+        chat=True,
+        thinking=thinking,
+        top_logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+    )
+
+
+def plan_completion(scheduler: Scheduler, settings: Settings, body: CompletionRequest, prompt) -> Turn:
+    tokenizer, vocab = scheduler.tokenizer, scheduler.model.args.vocab_size
+    if isinstance(prompt, str):
+        prompt_ids = tokenizer.encode(prompt)
+    else:
+        prompt_ids = list(prompt)
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise APIError(400, f"prompt token ids must be between 0 and {vocab - 1}", param="prompt")
+    if not prompt_ids:
+        raise APIError(400, "prompt is empty", param="prompt")
+    max_tokens = scheduler.check_fits(prompt_ids, body.max_tokens)
+    sampling = _sampling(body, False, settings.generation_config, vocab)
+    penalties = sampling.logits_processors(vocab)
+    guide = TurnGuide(tokenizer, vocab, prompt_ids, penalties=penalties) if penalties else None
+    return Turn(
+        prompt_ids=prompt_ids,
+        max_tokens=max_tokens,
+        sampler=sampling.sampler(vocab),
+        processors=[guide] if guide else [],
+        stop=_stops(body.stop),
+        chat=False,
+        thinking=False,
+        top_logprobs=body.logprobs,
+    )
+
+
+def usage(stats) -> dict:
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.completion_tokens,
+        "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": stats.reasoning_tokens},
+    }
+
+
+def chat_logprobs(entries) -> list[dict]:
+    return [
+        {
+            "token": e.token,
+            "logprob": e.logprob,
+            "bytes": e.bytes,
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, lp, b in e.top],
+        }
+        for e in entries
+    ]
+
+
+def tool_call_json(call: ToolCall, index: int | None = None) -> dict:
+    out = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
+    return out if index is None else {"index": index, **out}
+
+
+class ReasoningOut:
+    """Puts reasoning where the client wants it: its own field, or inline `<think>` text in the content."""
+
+    def __init__(self, field: str):
+        self.field = field
+        self.open = False
+
+    def reasoning(self, text: str) -> dict:
+        if self.field != "think":
+            return {self.field: text}
+        prefix = "" if self.open else "<think>\n"
+        self.open = True
+        return {"content": prefix + text}
+
+    def close(self) -> dict:
+        if self.field == "think" and self.open:
+            self.open = False
+            return {"content": "\n</think>\n\n"}
+        return {}
+
+
+def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None = None,
+               cors_origins: Sequence[str] = (), max_body: int = DEFAULT_MAX_BODY) -> FastAPI:  # fmt: skip
+    app = FastAPI(
+        title="qwen-mlx",
+        version=_version(),
+        description="A local OpenAI-compatible endpoint for Qwen3 on MLX.",
+    )
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body)
+    names = {settings.model_id, *settings.aliases}
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return error_response(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, e: Overloaded):
+        return error_response(429, str(e), "rate_limit_error", code="server_busy")
+
+    @app.exception_handler(QwenMLXError)
+    async def _bad_request(request: Request, e: QwenMLXError):
+        message = str(e)
+        code = "context_length_exceeded" if "model's context" in message else None
+        return error_response(400, message, code=code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return error_response(400, "the request body is not valid JSON", code="invalid_json")
+        param = ".".join(where) or None
+        message = first.get("msg", "invalid request")
+        return error_response(400, f"{param}: {message}" if param else message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        if e.status_code == 404:
+            return error_response(404, f"no route {request.method} {request.url.path}", code="unknown_url")
+        return error_response(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+    def check_model(name: str | None) -> None:
+        if name and name not in names:
+            raise APIError(404, f"The model {name!r} does not exist; this server serves {settings.model_id!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": settings.model_id, "in_flight": scheduler.in_flight}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [_model_card(settings.model_id)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict:
+        check_model(model)
+        return _model_card(settings.model_id)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        turn = await asyncio.to_thread(plan_chat, scheduler, settings, body)
+        ticket = scheduler.submit(turn)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_id}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = _chat_stream(scheduler, ticket, meta, settings.reasoning_field, include_usage)
+            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await _chat_whole(scheduler, ticket, request, meta, settings.reasoning_field)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) or _is_ids(body.prompt) else list(body.prompt)
+        if not prompts or len(prompts) > 16:
+            raise APIError(400, "prompt must be a string, a list of token ids, or 1 to 16 strings", param="prompt")
+        turns = [await asyncio.to_thread(plan_completion, scheduler, settings, body, p) for p in prompts]
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_id}
+        if body.stream:
+            if len(turns) > 1:
+                raise APIError(400, "stream one prompt at a time", param="prompt")
+            ticket = scheduler.submit(turns[0])
+            echo = _echo(scheduler, turns[0], body.echo)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = _completion_stream(scheduler, ticket, meta, echo, include_usage)
+            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        tickets = []
+        try:
+            for turn in turns:
+                tickets.append(scheduler.submit(turn))
+        except Overloaded:
+            for ticket in tickets:
+                scheduler.done(ticket)
+            raise
+        results = await asyncio.gather(*(_gather(scheduler, t, request) for t in tickets))
+        choices, total = [], None
+        for index, ((events, entries, stats), turn) in enumerate(zip(results, turns, strict=True)):
+            text = _echo(scheduler, turn, body.echo) + "".join(e.text for e in events if isinstance(e, Answer))
+            choices.append(
+                {
+                    "index": index,
+                    "text": text,
+                    "finish_reason": stats.finish_reason,
+                    "logprobs": _legacy_logprobs(entries) if body.logprobs is not None else None,
+                }
+            )
+            total = usage(stats) if total is None else _add_usage(total, usage(stats))
+        return {**meta, "object": "text_completion", "choices": choices, "usage": total}
+
+    return app
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _model_card(model_id: str) -> dict:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "qwen-mlx"}
+
+
+def _is_ids(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
+
+
+def _echo(scheduler: Scheduler, turn: Turn, echo: bool) -> str:
+    return scheduler.tokenizer.decode(turn.prompt_ids) if echo else ""
+
+
+def _add_usage(a: dict, b: dict) -> dict:
+    out = {k: a[k] + b[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    out["prompt_tokens_details"] = {"cached_tokens": a["prompt_tokens_details"]["cached_tokens"]
+                                    + b["prompt_tokens_details"]["cached_tokens"]}  # fmt: skip
+    out["completion_tokens_details"] = {"reasoning_tokens": 0}
+    return out
+
+
+def _legacy_logprobs(entries) -> dict:
+    entries = entries or []
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t: lp for t, lp, _ in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+async def _next_update(ticket: Ticket, request: Request | None):
+    """The ticket's next update; None when the client went away (checked while waiting)."""
+    while True:
+        try:
+            return await asyncio.wait_for(ticket.updates.get(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if request is not None and await request.is_disconnected():
+                return None
+
+
+async def _gather(scheduler: Scheduler, ticket: Ticket, request: Request):
+    """A whole non-streamed turn: (events, logprob entries, stats); frees the slot if the client leaves."""
+    events, entries = [], []
+    try:
+        while True:
+            update = await _next_update(ticket, request)
+            if update is None:
+                raise APIError(499, "the client closed the request")
+            if isinstance(update, Step):
+                events.extend(update.events)
+                entries.extend(update.logprobs or [])
+            elif isinstance(update, Failed):
+                raise APIError(500, update.error, "server_error")
+            elif isinstance(update, Finished):
+                return events, entries, update.stats
+    finally:
+        scheduler.done(ticket)
+
+
+async def _chat_whole(scheduler: Scheduler, ticket: Ticket, request: Request, meta: dict, field: str) -> dict:
+    events, entries, stats = await _gather(scheduler, ticket, request)
+    reasoning = "".join(e.text for e in events if isinstance(e, Reasoning))
+    answer = ""
+    calls = []
+    for e in events:
+        if isinstance(e, Answer):
+            answer += e.text
+        elif isinstance(e, ToolCallError):  # not a valid call: kept as text, never dropped
+            answer += e.raw
+        elif isinstance(e, ToolCall):
+            calls.append(tool_call_json(e))
+    message: dict[str, Any] = {"role": "assistant", "content": answer or (None if calls else "")}
+    if field == "think":
+        if reasoning:
+            message["content"] = f"<think>\n{reasoning}\n</think>\n\n{answer}"
+    else:
+        message[field] = reasoning or None
+    if calls:
+        message["tool_calls"] = calls
+    choice = {
+        "index": 0,
+        "message": message,
+        "logprobs": {"content": chat_logprobs(entries)} if ticket.turn.top_logprobs is not None else None,
+        "finish_reason": stats.finish_reason,
+    }
+    return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage(stats)}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _chat_stream(
+    scheduler: Scheduler, ticket: Ticket, meta: dict, field: str, include_usage: bool
+) -> AsyncIterator[str]:
+    out = ReasoningOut(field)
+    base = {**meta, "object": "chat.completion.chunk"}
+
+    def chunk(delta: dict, finish: str | None = None, logprobs=None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return _sse({**base, "choices": [choice], **({"usage": None} if include_usage else {})})
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        calls = 0
+        async for update in ticket:
+            if isinstance(update, Failed):
+                yield _sse(error_body(update.error, "server_error"))
+                break
+            if isinstance(update, Finished):
+                closing = out.close()
+                if closing:
+                    yield chunk(closing)
+                yield chunk({}, update.stats.finish_reason)
+                if include_usage:
+                    yield _sse({**base, "choices": [], "usage": usage(update.stats)})
+                break
+            logprobs = {"content": chat_logprobs(update.logprobs)} if update.logprobs else None
+            for event in update.events:
+                if isinstance(event, Reasoning):
+                    delta = out.reasoning(event.text)
+                elif isinstance(event, Answer | ToolCallError):  # a broken call stays text, never dropped
+                    text = event.text if isinstance(event, Answer) else event.raw
+                    delta = {"content": out.close().get("content", "") + text}
+                else:
+                    closing = out.close()
+                    if closing:
+                        yield chunk(closing)
+                    head = tool_call_json(event, calls)
+                    arguments = head["function"].pop("arguments")
+                    yield chunk({"tool_calls": [{**head, "function": {**head["function"], "arguments": ""}}]})
+                    delta = {"tool_calls": [{"index": calls, "function": {"arguments": arguments}}]}
+                    calls += 1
+                yield chunk(delta, logprobs=logprobs)
+                logprobs = None
+            if logprobs:
+                yield chunk({"content": ""}, logprobs=logprobs)
+        yield "data: [DONE]\n\n"
+    finally:
+        scheduler.done(ticket)
+
+
+async def _completion_stream(
+    scheduler: Scheduler, ticket: Ticket, meta: dict, echo: str, include_usage: bool
+) -> AsyncIterator[str]:
+    base = {**meta, "object": "text_completion"}
+
+    def chunk(text: str, finish: str | None = None, logprobs=None) -> str:
+        return _sse({**base, "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
+
+    try:
+        if echo:
+            yield chunk(echo)
+        async for update in ticket:
+            if isinstance(update, Failed):
+                yield _sse(error_body(update.error, "server_error"))
+                break
+            if isinstance(update, Finished):
+                yield chunk("", update.stats.finish_reason)
+                if include_usage:
+                    yield _sse({**base, "choices": [], "usage": usage(update.stats)})
+                break
+            text = "".join(e.text for e in update.events if isinstance(e, Answer))
+            logprobs = _legacy_logprobs(update.logprobs) if update.logprobs is not None else None
+            yield chunk(text, logprobs=logprobs)
+        yield "data: [DONE]\n\n"
+    finally:
+        scheduler.done(ticket)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, or one readable line saying why not (a port in use, a bad address)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise QwenMLXError(f"cannot listen on {host}: {e.strerror}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno in (98, 48):  # EADDRINUSE on Linux, macOS
+            raise QwenMLXError(f"port {port} on {host} is already in use: pick another with --port") from None
+        raise QwenMLXError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
