@@ -173,9 +173,11 @@ def serve(args: argparse.Namespace) -> int:
         )
     if args.reasoning_field not in REASONING_FIELDS:
         raise QwenMLXError(f"--reasoning-field must be one of {', '.join(REASONING_FIELDS)}")
-    for name in ("max_batch", "max_waiting", "prefill_step_size"):
+    for name in ("max_batch", "prefill_step_size"):
         if getattr(args, name) < 1:
             raise QwenMLXError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_waiting < 0:  # 0 is no queue: a request beyond --max-batch gets 429 at once
+        raise QwenMLXError("--max-waiting must be at least 0")
     sock = bind(args.host, args.port)  # before the model loads: a port in use fails at once
 
     def load_model():

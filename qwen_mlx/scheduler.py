@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 
@@ -51,6 +51,7 @@ class Turn:
     processors: list[LogitsProcessor] = field(default_factory=list)
     stop: Sequence[str] = ()
     chat: bool = True  # parse Qwen3's reply format; False: raw text (`/v1/completions`)
+    tool_calls: bool = True  # False (a request without tools): `<tool_call>` blocks stay answer text
     thinking: bool = True  # the mode, for the stats
     top_logprobs: int | None = None  # None: no logprobs
 
@@ -113,6 +114,8 @@ class _Live:
         turn = ticket.turn
         self.ticket = ticket
         self.cached = cached
+        if not turn.tool_calls:  # a client that prompts for tools itself parses the text itself
+            special = replace(special, tool_call_start=None, tool_call_end=None)
         self.detokenizer = tokenizer.detokenizer()
         self.parser = ReplyParser(special, thinking_already_open(turn.prompt_ids, special), turn.stop)
         self.stops = StopStrings(turn.stop)

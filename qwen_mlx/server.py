@@ -193,6 +193,16 @@ def _sampling(body, thinking: bool, generation_config: dict | None, vocab_size: 
     return sampling
 
 
+def _valid_text(text: str, param: str) -> str:
+    """`text`, unless it holds a lone surrogate (JSON's "\\udc80" parses to one; no tokenizer takes it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        message = f"{param} holds a lone surrogate escape (\\ud800-\\udfff), which is not text"
+        raise APIError(400, message, param=param) from None
+    return text
+
+
 def plan_chat(scheduler: Scheduler, settings: Settings, body: ChatCompletionRequest) -> Turn:
     """Render, tokenize and set up one chat turn (runs off the event loop: templates and tokenizers are CPU work)."""
     tokenizer, vocab = scheduler.tokenizer, scheduler.model.args.vocab_size
@@ -208,10 +218,13 @@ def plan_chat(scheduler: Scheduler, settings: Settings, body: ChatCompletionRequ
     elif choice == "required" and not tools:
         raise APIError(400, 'tool_choice "required" needs at least one tool in tools', param="tool_choice")
     extra = body.chat_template_kwargs.model_dump(exclude={"enable_thinking"}) if body.chat_template_kwargs else {}
+    reserved = sorted(extra.keys() & {"messages", "tools", "add_generation_prompt"})
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
     text = tokenizer.apply_chat_template(
         messages, tools=tools, enable_thinking=enable_thinking, add_generation_prompt=True, **extra
     )
-    prompt_ids = tokenizer.encode(text)
+    prompt_ids = tokenizer.encode(_valid_text(text, "messages"))
     max_tokens = scheduler.check_fits(prompt_ids, body.max_completion_tokens or body.max_tokens)
     thinking = thinking_mode(messages, enable_thinking)
     sampling = _sampling(body, thinking, settings.generation_config, vocab)
@@ -235,6 +248,7 @@ def plan_chat(scheduler: Scheduler, settings: Settings, body: ChatCompletionRequ
         processors=[guide] if guide.active else [],
         stop=_stops(body.stop),
         chat=True,
+        tool_calls=bool(tools),
         thinking=thinking,
         top_logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
@@ -243,7 +257,7 @@ def plan_chat(scheduler: Scheduler, settings: Settings, body: ChatCompletionRequ
 def plan_completion(scheduler: Scheduler, settings: Settings, body: CompletionRequest, prompt) -> Turn:
     tokenizer, vocab = scheduler.tokenizer, scheduler.model.args.vocab_size
     if isinstance(prompt, str):
-        prompt_ids = tokenizer.encode(prompt)
+        prompt_ids = tokenizer.encode(_valid_text(prompt, "prompt"))
     else:
         prompt_ids = list(prompt)
         if any(not 0 <= t < vocab for t in prompt_ids):
@@ -356,6 +370,8 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
     async def _http(request: Request, e: StarletteHTTPException):
         if e.status_code == 404:
             return error_response(404, f"no route {request.method} {request.url.path}", code="unknown_url")
+        if e.status_code == 400:  # FastAPI's own body parsing gave up: bad UTF-8, nesting too deep
+            return error_response(400, "the request body is not valid JSON", code="invalid_json")
         return error_response(e.status_code, str(e.detail))
 
     @app.exception_handler(Exception)
@@ -487,9 +503,15 @@ async def _next_update(ticket: Ticket, request: Request | None):
 async def _gather(scheduler: Scheduler, ticket: Ticket, request: Request):
     """A whole non-streamed turn: (events, logprob entries, stats); frees the slot if the client leaves."""
     events, entries = [], []
+    checked = time.monotonic()
     try:
         while True:
             update = await _next_update(ticket, request)
+            if update is not None and time.monotonic() - checked > DISCONNECT_POLL_S:
+                # While tokens keep coming, _next_update never times out to look: look here too.
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    update = None
             if update is None:
                 raise APIError(499, "the client closed the request")
             if isinstance(update, Step):
