@@ -103,6 +103,8 @@ class TurnGuide:
         self.queue: deque[int] = deque()
         self.constraint = None  # constrain.JsonConstraint while one is active
         self.seen = 0
+        if self.phase == ANSWER:  # the template closed an empty think block: the answer starts now
+            self._enter_answer()
         self._ids = None  # made on first use: MLX arrays belong to the thread (stream) that runs them
 
     @property
