@@ -203,7 +203,7 @@ class TurnGuide:
                 return masked
             self.constraint = None
             self.phase = DONE if self.single_call else ANSWER
-            self.tool_grammar = None if not self.single_call else self.tool_grammar
+            self.tool_grammar = None  # the forced call is made; later calls, if any, are the model's own
             self.queue.extend([*self.newline_ids, self.special.tool_call_end])
             return self._only([self.queue.popleft()], logits)
         if self.phase == ANSWER:

@@ -189,7 +189,6 @@ def _sampling(body, thinking: bool, generation_config: dict | None, vocab_size: 
         logit_bias=bias,
         seed=body.seed,
     ).resolve(generation_config, thinking)
-    sampling.logits_processors(vocab_size)  # checks logit_bias against the vocabulary
     return sampling
 
 
@@ -490,30 +489,25 @@ def _legacy_logprobs(entries) -> dict:
     }
 
 
-async def _next_update(ticket: Ticket, request: Request | None):
-    """The ticket's next update; None when the client went away (checked while waiting)."""
-    while True:
-        try:
-            return await asyncio.wait_for(ticket.updates.get(), DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            if request is not None and await request.is_disconnected():
-                return None
-
-
 async def _gather(scheduler: Scheduler, ticket: Ticket, request: Request):
-    """A whole non-streamed turn: (events, logprob entries, stats); frees the slot if the client leaves."""
+    """A whole non-streamed turn: (events, logprob entries, stats); frees the slot if the client leaves.
+
+    The connection is looked at every `DISCONNECT_POLL_S`, whether tokens keep coming or not.
+    """
     events, entries = [], []
     checked = time.monotonic()
     try:
         while True:
-            update = await _next_update(ticket, request)
-            if update is not None and time.monotonic() - checked > DISCONNECT_POLL_S:
-                # While tokens keep coming, _next_update never times out to look: look here too.
+            try:
+                update = await asyncio.wait_for(ticket.updates.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                update = None
+            if update is None or time.monotonic() - checked > DISCONNECT_POLL_S:
                 checked = time.monotonic()
                 if await request.is_disconnected():
-                    update = None
-            if update is None:
-                raise APIError(499, "the client closed the request")
+                    raise APIError(499, "the client closed the request")
+                if update is None:
+                    continue
             if isinstance(update, Step):
                 events.extend(update.events)
                 entries.extend(update.logprobs or [])
