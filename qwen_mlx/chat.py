@@ -211,9 +211,12 @@ class ChatSession:
         sampling: Sampling | None = None,
         stop: Sequence[str] = (),
         on_prefill: Callable[[int, int], None] | None = None,
+        end_thinking: Callable[[], bool] | None = None,
     ) -> Iterator[ChatEvent]:
         """Generate the assistant's next turn; yields Reasoning/Answer/ToolCall/ToolCallError, then Done.
 
+        `end_thinking`, asked after every reasoning token, ends the thinking there when it returns True: the
+        budget's early-stop text is forced in at once (the chat app's "stop thinking" key, applied live).
         One turn at a time: the session has one cache, so a second stream must wait until this one ends.
         """
         if self._streaming:
@@ -260,10 +263,12 @@ class ChatSession:
                 if parser.stopped:
                     break
                 if (
-                    thinking_budget is not None
-                    and not budget_spent
+                    not budget_spent
                     and parser.in_thinking
-                    and parser.thought_tokens >= thinking_budget
+                    and (
+                        (thinking_budget is not None and parser.thought_tokens >= thinking_budget)
+                        or (end_thinking is not None and end_thinking())
+                    )
                 ):
                     budget_spent = True
                     generation.inject(self.budget_ids)

@@ -15,6 +15,7 @@ The engine knows nothing about text: token ids only (tokenization and templates 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,8 +33,16 @@ KV_GROUP_SIZE = 64
 CLEAR_CACHE_EVERY = 256
 
 # One stream for all generation work, as mlx-lm does, so other MLX work on the default stream doesn't
-# interleave with a decode step.
-generation_stream = mx.new_stream(mx.default_device())
+# interleave with a decode step. MLX streams belong to the thread that made them, so each thread that
+# generates (the CLI's main thread, the chat app's engine thread) gets its own.
+_thread_streams = threading.local()
+
+
+def generation_stream() -> mx.Stream:
+    stream = getattr(_thread_streams, "stream", None)
+    if stream is None:
+        stream = _thread_streams.stream = mx.new_stream(mx.default_device())
+    return stream
 
 
 def make_cache(model: nn.Module, kv_bits: int | None = None, kv_group_size: int = KV_GROUP_SIZE) -> list:
@@ -118,7 +127,7 @@ class Generation:
 
     def _step(self, input_ids: mx.array, pending: bool = False) -> tuple[mx.array, mx.array]:
         """Feed `input_ids`; `pending` means they are a sampled token not yet in `self.tokens`."""
-        with mx.stream(generation_stream):
+        with mx.stream(generation_stream()):
             logits = self.model(input_ids[None], cache=self.cache)[:, -1, :]
             if self.logits_processors:
                 # The penalties see generated tokens only, up to and including the one just fed.
@@ -139,7 +148,7 @@ class Generation:
         total, done = len(ids), 0
         while total - done > 1:
             n = min(self.prefill_step_size, total - done - 1)
-            with mx.stream(generation_stream):
+            with mx.stream(generation_stream()):
                 self.model(mx.array(ids[done : done + n])[None], cache=self.cache)
                 mx.eval([c.state for c in self.cache])
             done += n
