@@ -211,6 +211,16 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def chat(args: argparse.Namespace) -> int:
+    """The Textual chat app (app/, installed as qwen_mlx.app)."""
+    from .app import run
+
+    for option, value in (("--budget", args.budget), ("--temp", args.temp)):
+        if value is not None and value < 0:
+            raise QwenMLXError(f"{option} {value} is invalid: it must be >= 0")
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-mlx", description="Run Qwen3 on Apple Silicon with MLX.")
     parser.add_argument("--version", action="version", version=f"qwen-mlx {__version__}")
@@ -275,6 +285,31 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--revision", help="a branch, tag or commit of a Hub repo")
     srv.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     srv.set_defaults(handler=serve)
+
+    chat_parser = commands.add_parser(
+        "chat",
+        help="the terminal chat app, over a local model or an OpenAI-compatible endpoint",
+        description="Chat in the terminal. Examples: qwen-mlx chat --model demo; "
+        "qwen-mlx chat --endpoint http://127.0.0.1:1234/v1",
+    )
+    chat_parser.add_argument("--model", help="a model folder, a Hugging Face repo id, or demo (the default)")
+    chat_parser.add_argument("--quantize", type=int, choices=(4, 8), help="quantize float weights on load")
+    chat_parser.add_argument("--endpoint", metavar="URL", help="chat with an OpenAI-compatible server instead")
+    chat_parser.add_argument(
+        "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="the endpoint's key (default $OPENAI_API_KEY)"
+    )
+    chat_parser.add_argument("--resume", metavar="NAME", help="reopen a chat saved with /save NAME")
+    chat_parser.add_argument("--no-think", action="store_true", help="start with thinking off (/think turns it on)")
+    chat_parser.add_argument("--budget", type=int, metavar="N", help="end thinking after N tokens (/budget N)")
+    chat_parser.add_argument("--temp", type=float, metavar="X", help="sampling temperature (/temp X)")
+    chat_parser.add_argument("--system", metavar="TEXT", help="a system prompt (/system TEXT)")
+    chat_parser.add_argument(
+        "--thinking-panels",
+        choices=("open", "folded"),
+        default="open",
+        help="whether a thinking panel is open while it streams (it folds when the answer starts)",
+    )
+    chat_parser.set_defaults(handler=chat)
 
     demo = commands.add_parser(
         "demo",

@@ -1,0 +1,79 @@
+"""Where the chat app's answers come from: the local engine, or any OpenAI-compatible endpoint.
+
+Both backends speak the engine's event vocabulary (`Reasoning`, `Answer`, `ToolCall`, then `Done` with
+`ChatStats`), so the app has one code path. Every method is called on the app's single worker thread: MLX
+arrays belong to the thread that evaluates them, and one long-lived thread keeps the model, its KV cache
+and its streams together.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Protocol
+
+import mlx.core as mx
+
+from qwen_mlx.chat import ChatEvent, ChatSession
+from qwen_mlx.memory import MemoryWarning
+from qwen_mlx.sampling import Sampling
+
+
+class Backend(Protocol):
+    label: str  # shown in the status bar
+    context_limit: int | None  # tokens; None when unknown (an endpoint)
+    notices: list[str]  # things to tell the user once, gathered while loading (a model that will not fit)
+
+    def stream(
+        self, messages: list[dict], *, thinking: bool, budget: int | None, temperature: float | None
+    ) -> Iterator[ChatEvent]:
+        """One assistant turn; closing the iterator early stops generation at once."""
+        ...
+
+    def end_thinking(self) -> bool:
+        """Ask the running turn to stop thinking now; False when this backend cannot (said to the user)."""
+        ...
+
+    def memory(self) -> int | None:
+        """Bytes the model holds now; None when unknown."""
+        ...
+
+
+class LocalBackend:
+    """`ChatSession` on this machine: the KV cache is kept between turns, thinking can be ended live."""
+
+    def __init__(self, session: ChatSession, label: str, notices: list[str] | None = None):
+        self.session = session
+        self.label = label
+        self.context_limit = session.context_length
+        self.notices = notices or []
+        self._end_now = False
+
+    @classmethod
+    def load(cls, model: str, *, quantize: int | None = None, revision: str | None = None) -> LocalBackend:
+        """Load a model folder, a Hub repo id or `demo`; raises QwenMLXError with one readable line."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MemoryWarning)
+            session = ChatSession.load(model, quantize=quantize, revision=revision)
+        notices = [str(w.message) for w in caught if issubclass(w.category, MemoryWarning)]
+        return cls(session, model, notices)
+
+    def stream(
+        self, messages: list[dict], *, thinking: bool, budget: int | None, temperature: float | None
+    ) -> Iterator[ChatEvent]:
+        self._end_now = False
+        sampling = Sampling(temperature=temperature) if temperature is not None else None
+        return self.session.stream(
+            messages,
+            enable_thinking=thinking,
+            thinking_budget=budget,
+            sampling=sampling,
+            end_thinking=lambda: self._end_now,
+        )
+
+    def end_thinking(self) -> bool:
+        self._end_now = True
+        return True
+
+    def memory(self) -> int | None:
+        return mx.get_active_memory()
