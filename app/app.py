@@ -154,6 +154,15 @@ class ChatApp(App):
     async def say(self, text: str, error: bool = False) -> None:
         await self.log_view.mount(Notice(text, error))
 
+    def _count_context(self) -> None:
+        """The status bar's context use for a conversation that was loaded rather than generated."""
+        backend = self.engine.backend
+        try:
+            used = backend.prompt_tokens(self.conversation.prompt_messages()) if backend else None
+        except Exception:  # a template that refuses this history: leave the count alone
+            used = None
+        self.status.context_used = used or 0
+
     def _refresh_status(self) -> None:
         c = self.conversation
         self.status.thinking, self.status.budget, self.status.temperature = c.thinking, c.budget, c.temperature
@@ -169,6 +178,7 @@ class ChatApp(App):
         self.conversation.model = backend.label if not isinstance(backend, LocalBackend) else self.source.label
         for notice in backend.notices:
             await self.say(notice, error=True)
+        self._count_context()
         self._refresh_status()
 
     @on(EngineThread.LoadFailed)
@@ -408,7 +418,7 @@ class ChatApp(App):
         elif name == "/load":
             self._refuse_while_answering()
             self.conversation = self.store.load(value)
-            self.status.context_used = 0
+            self._count_context()
             await self._show_conversation()
             await self.say(f"loaded {value!r}: {len(self.conversation.messages)} messages")
         elif name == "/model":

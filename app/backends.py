@@ -38,6 +38,10 @@ class Backend(Protocol):
         """Bytes the model holds now; None when unknown."""
         ...
 
+    def prompt_tokens(self, messages: list[dict]) -> int | None:
+        """The prompt's length in tokens (tokenizer only, no model call); None when unknown."""
+        ...
+
 
 class LocalBackend:
     """`ChatSession` on this machine: the KV cache is kept between turns, thinking can be ended live."""
@@ -77,3 +81,6 @@ class LocalBackend:
 
     def memory(self) -> int | None:
         return mx.get_active_memory()
+
+    def prompt_tokens(self, messages: list[dict]) -> int | None:
+        return len(self.session.render(messages)) if messages else 0

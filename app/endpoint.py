@@ -376,3 +376,6 @@ class EndpointBackend:
 
     def memory(self) -> int | None:
         return None
+
+    def prompt_tokens(self, messages: list[dict]) -> int | None:
+        return None  # the server's tokenizer is not ours; its usage reports the count after each turn

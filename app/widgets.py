@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from textual import events
+from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Collapsible, Markdown, Static, TextArea
@@ -18,7 +19,7 @@ from .conversation import Message as ChatMessage
 
 GIB = 1 << 30
 THINKING_TITLE = "Thinking…"
-NEWLINE_KEYS = ("ctrl+j", "shift+enter", "alt+enter")
+NEWLINE_KEYS = ("shift+enter", "alt+enter")  # Ctrl+J is a binding, so the footer shows it
 
 
 def thought_title(seconds: float | None, tokens: int, stopped: bool = False) -> str:
@@ -142,6 +143,8 @@ class ChatInput(TextArea):
     ChatInput:focus { border: tall $primary; }
     """
 
+    BINDINGS = [Binding("ctrl+j", "newline", "New line")]
+
     @dataclass
     class Submitted(Message):
         text: str
@@ -178,6 +181,9 @@ class ChatInput(TextArea):
             self.recall(+1)
             return
         await super()._on_key(event)
+
+    def action_newline(self) -> None:
+        self.insert("\n")
 
     @staticmethod
     def _stop(event: events.Key) -> None:
@@ -247,7 +253,7 @@ def format_status(s: Status) -> str:
 
 class StatusBar(Static):
     DEFAULT_CSS = """
-    StatusBar { dock: bottom; height: 1; padding: 0 1; background: $panel; color: $text-muted; }
+    StatusBar { height: 1; padding: 0 1; background: $panel; color: $text-muted; }
     """
 
     def show(self, status: Status) -> None:
