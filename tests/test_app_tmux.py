@@ -55,7 +55,7 @@ def test_chat_in_a_real_terminal(demo_model_path: Path, tmp_path: Path):
     }
     # The wrapper writes the app's exit status to a file once the app has ended.
     status = tmp_path / "exit-status"
-    wrapper = "import pathlib, subprocess, sys; pathlib.Path(sys.argv[1]).write_text(str(subprocess.call(sys.argv[2:])))"
+    wrapper = "import pathlib, subprocess as s, sys; pathlib.Path(sys.argv[1]).write_text(str(s.call(sys.argv[2:])))"
     command = [sys.executable, "-c", wrapper, str(status), sys.executable, "-m", "qwen_mlx", "chat", "--model", "demo"]
     tmux = Tmux(tmp_path / "tmux.sock", command, env)
     try:
