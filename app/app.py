@@ -135,10 +135,13 @@ class ChatApp(App):
             from .endpoint import EndpointBackend
 
             self.engine.load(
-                source.label, lambda: EndpointBackend.connect(source.endpoint, source.api_key, source.model)
+                source.label, lambda progress: EndpointBackend.connect(source.endpoint, source.api_key, source.model)
             )
         else:
-            self.engine.load(source.label, lambda: LocalBackend.load(source.model or "demo", quantize=source.quantize))
+            model = source.model or "demo"
+            self.engine.load(
+                source.label, lambda progress: LocalBackend.load(model, quantize=source.quantize, progress=progress)
+            )
 
     async def _show_conversation(self) -> None:
         """Draw the whole conversation afresh (start, /load, /clear): past thinking starts folded."""
@@ -180,6 +183,12 @@ class ChatApp(App):
             await self.say(notice, error=True)
         self._count_context()
         self._refresh_status()
+
+    @on(EngineThread.Progress)
+    def _progress(self, message: EngineThread.Progress) -> None:
+        if self.status.state.startswith("loading"):
+            self.status.state = f"loading {self.source.label}: {' '.join(message.text.split())[:60]}"
+            self._refresh_status()
 
     @on(EngineThread.LoadFailed)
     async def _load_failed(self, message: EngineThread.LoadFailed) -> None:
@@ -411,8 +420,12 @@ class ChatApp(App):
             self.status.context_used = 0
             await self._show_conversation()
         elif name == "/save":
-            c.name = value or c.name or time.strftime("chat-%Y%m%d-%H%M%S")
-            self.store.save(c)
+            previous, c.name = c.name, value or c.name or time.strftime("chat-%Y%m%d-%H%M%S")
+            try:
+                self.store.save(c)
+            except QwenMLXError:
+                c.name = previous  # a refused name must not become the name autosave uses
+                raise
             exported = self.store.export_markdown(c)
             await self.say(f"saved as {c.name!r} (qwen-mlx chat --resume {c.name}); Markdown: {exported}")
         elif name == "/load":

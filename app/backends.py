@@ -9,7 +9,8 @@ and its streams together.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Protocol
 
 import mlx.core as mx
@@ -54,8 +55,22 @@ class LocalBackend:
         self._end_now = False
 
     @classmethod
-    def load(cls, model: str, *, quantize: int | None = None, revision: str | None = None) -> LocalBackend:
-        """Load a model folder, a Hub repo id or `demo`; raises QwenMLXError with one readable line."""
+    def load(
+        cls,
+        model: str,
+        *,
+        quantize: int | None = None,
+        revision: str | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> LocalBackend:
+        """Load a model folder, a Hub repo id or `demo`; raises QwenMLXError with one readable line.
+
+        `progress` hears about slow first-time work (training the demo model takes about a minute).
+        """
+        if model == "demo" and not Path(model).exists() and progress is not None:
+            from qwen_mlx.demo import ensure_demo
+
+            ensure_demo(log=progress)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", MemoryWarning)
             session = ChatSession.load(model, quantize=quantize, revision=revision)

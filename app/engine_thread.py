@@ -43,6 +43,13 @@ class EngineThread(threading.Thread):
             super().__init__()
             self.backend = backend
 
+    class Progress(Message):
+        """A line about slow loading work, for the status bar."""
+
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.text = text
+
     class LoadFailed(Message):
         def __init__(self, what: str, error: str) -> None:
             super().__init__()
@@ -82,12 +89,15 @@ class EngineThread(threading.Thread):
     def shutdown(self) -> None:
         self._jobs.put(None)
 
-    def load(self, what: str, factory: Callable[[], Backend]) -> None:
-        """Make a backend (a model to load, an endpoint to reach) and make it the current one if that works."""
+    def load(self, what: str, factory: Callable[[Callable[[str], None]], Backend]) -> None:
+        """Make a backend (a model to load, an endpoint to reach) and make it the current one if that works.
+
+        `factory(progress)` may report slow steps through `progress(text)`.
+        """
 
         def job() -> None:
             try:
-                backend = factory()
+                backend = factory(lambda text: self.app.post_message(self.Progress(text)))
             except QwenMLXError as error:
                 self.app.post_message(self.LoadFailed(what, str(error)))
             except Exception as error:  # a loader bug must still leave the app running
