@@ -296,8 +296,8 @@ class ChatApp(App):
         self._view = AssistantMessage(panels_open=self.panels_open)
         self._shown = {"reasoning": "", "answer": ""}
         self._thought_s = None
-        await self.log_view.mount(self._view)
         self.log_view.anchor()  # sending a message follows the stream again
+        await self.log_view.mount(self._view)
         self._turn_started = time.perf_counter()
         self.status.state = "waiting…"
         self._refresh_status()

@@ -69,6 +69,14 @@ class ThinkingPanel(Collapsible):
         self.text = Markdown(reasoning)
         super().__init__(self.text, title=title, collapsed=collapsed)
 
+    def _watch_collapsed(self, collapsed: bool) -> None:
+        # Collapsible scrolls itself into view on every change; folding by itself as the answer starts must not
+        # pull the view down from where the user scrolled, so only opening a panel scrolls to it.
+        self._update_collapsed(collapsed)
+        self.post_message(self.Collapsed(self) if collapsed else self.Expanded(self))
+        if self.is_mounted and not collapsed:
+            self.call_after_refresh(self.scroll_visible)
+
 
 class AssistantMessage(Vertical):
     """One answer: an optional thinking panel above the answer's Markdown, either streaming or finished."""

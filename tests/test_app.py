@@ -128,7 +128,7 @@ async def test_thinking_folds_when_the_answer_starts(make_app, engine_answer):
 
 async def _current_view(app: ChatApp) -> AssistantMessage:
     """The answer being streamed, once the message sent with `start` has reached the app."""
-    await wait_until(lambda: app.conversation.messages, what="the message to be sent")
+    await wait_until(lambda: app.conversation.messages[-1:] and app.conversation.messages[-1].role == "user")
     await wait_until(lambda: app._view is not None or app.conversation.messages[-1].role == "assistant")
     return app._view or app.query(AssistantMessage).last()
 
@@ -354,3 +354,23 @@ def test_resumed_conversation_type_round_trip(store):
     conversation = Conversation(name="x", model="demo", thinking=False, budget=8, temperature=0.5)
     store.save(conversation)
     assert store.load("x") == conversation
+
+
+async def test_the_view_follows_the_stream_unless_scrolled_up(make_app):
+    app = make_app()
+    async with app.run_test(size=(60, 14)) as pilot:
+        await ready(app)
+        for _ in range(2):
+            await ask(pilot, "Write hello world in Python.")
+        log = app.log_view
+        assert log.max_scroll_y > 0 and log.scroll_y == log.max_scroll_y  # followed to the end
+        sending = start(pilot, "Is 91 a prime number?")
+        view = await _current_view(app)
+        await wait_until(lambda: view.panel is not None and view.panel.text.source, what="some thinking")
+        log.scroll_to(y=0, animate=False, immediate=True)  # the user scrolls up while it streams
+        await sending
+        await wait_until(lambda: app.turn == 0, what="the turn to end")
+        await pilot.pause()
+        assert log.scroll_y < log.max_scroll_y  # left where the user put it
+        await ask(pilot, "What is 2 + 3?")  # sending again follows the stream again
+        assert log.scroll_y == log.max_scroll_y
