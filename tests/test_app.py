@@ -133,6 +133,14 @@ async def _current_view(app: ChatApp) -> AssistantMessage:
     return app._view or app.query(AssistantMessage).last()
 
 
+async def start_thinking(pilot: Pilot, text: str) -> tuple[asyncio.Task, AssistantMessage]:
+    """Send `text` and return once its thinking panel shows some text, while the turn goes on."""
+    sending = start(pilot, text)
+    view = await _current_view(pilot.app)
+    await wait_until(lambda: view.panel is not None and view.panel.text.source, what="some thinking")
+    return sending, view
+
+
 async def test_no_think_has_no_panel(make_app, engine_answer):
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
@@ -153,9 +161,7 @@ async def test_escape_stops_and_keeps_the_partial_text(make_app, engine_answer):
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await ready(app)
-        sending = start(pilot, "Is 91 a prime number?")
-        view = await _current_view(app)
-        await wait_until(lambda: view.panel is not None and view.panel.text.source, what="some thinking")
+        sending, view = await start_thinking(pilot, "Is 91 a prime number?")
         await press_soon(pilot, "escape")
         await sending
         assert app.turn == 0  # stopped at once, from the UI's side
@@ -179,9 +185,7 @@ async def test_end_thinking_now_forces_the_answer(make_app):
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await ready(app)
-        sending = start(pilot, "Is 91 a prime number?")
-        view = await _current_view(app)
-        await wait_until(lambda: view.panel is not None and view.panel.text.source, what="some thinking")
+        sending, _ = await start_thinking(pilot, "Is 91 a prime number?")
         await press_soon(pilot, "ctrl+t")
         await sending
         await wait_until(lambda: app.turn == 0, what="the turn to end")
@@ -364,9 +368,7 @@ async def test_the_view_follows_the_stream_unless_scrolled_up(make_app):
             await ask(pilot, "Write hello world in Python.")
         log = app.log_view
         assert log.max_scroll_y > 0 and log.scroll_y == log.max_scroll_y  # followed to the end
-        sending = start(pilot, "Is 91 a prime number?")
-        view = await _current_view(app)
-        await wait_until(lambda: view.panel is not None and view.panel.text.source, what="some thinking")
+        sending, _ = await start_thinking(pilot, "Is 91 a prime number?")
         log.scroll_to(y=0, animate=False, immediate=True)  # the user scrolls up while it streams
         await sending
         await wait_until(lambda: app.turn == 0, what="the turn to end")
