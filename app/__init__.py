@@ -20,14 +20,12 @@ def run(args: argparse.Namespace) -> int:
         raise QwenMLXError("--quantize applies to a local model, not to --endpoint")
     store = Store()
     conversation = store.load(args.resume) if args.resume else None
-    model = args.model or (conversation.model if conversation and not args.endpoint else None)
-    if conversation and conversation.model.startswith(("http://", "https://")) and not args.endpoint:
-        model = args.model  # the chat was held with an endpoint: without --endpoint, talk to a local model
+    model, endpoint = args.model, args.endpoint
+    if conversation and not (model or endpoint):  # resume with what the chat was held with
+        stored = conversation.model
+        endpoint, model = (stored, None) if stored.startswith(("http://", "https://")) else (None, stored or None)
     source = Source(
-        model=model or (None if args.endpoint else "demo"),
-        quantize=args.quantize,
-        endpoint=args.endpoint,
-        api_key=args.api_key,
+        model=model or (None if endpoint else "demo"), quantize=args.quantize, endpoint=endpoint, api_key=args.api_key
     )
     if conversation is None:
         conversation = Conversation(

@@ -178,7 +178,7 @@ class ChatApp(App):
         backend: Backend = message.backend
         self.status = replace(self.status, model=backend.label, context_limit=backend.context_limit, state="")
         self.status.memory = self._memory(backend)
-        self.conversation.model = backend.label if not isinstance(backend, LocalBackend) else self.source.label
+        self.conversation.model = self.source.label  # a model name or an endpoint URL: what --resume reopens
         for notice in backend.notices:
             await self.say(notice, error=True)
         self._count_context()

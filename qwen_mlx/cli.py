@@ -296,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat_parser.add_argument("--quantize", type=int, choices=(4, 8), help="quantize float weights on load")
     chat_parser.add_argument("--endpoint", metavar="URL", help="chat with an OpenAI-compatible server instead")
     chat_parser.add_argument(
-        "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="the endpoint's key (default $OPENAI_API_KEY)"
+        "--api-key",
+        default=os.environ.get("QWEN_MLX_API_KEY"),
+        help="the endpoint's key (default $QWEN_MLX_API_KEY; $OPENAI_API_KEY is never sent to an endpoint)",
     )
     chat_parser.add_argument("--resume", metavar="NAME", help="reopen a chat saved with /save NAME")
     chat_parser.add_argument("--no-think", action="store_true", help="start with thinking off (/think turns it on)")
