@@ -1,6 +1,6 @@
 """Snapshots of the chat app (pytest-textual-snapshot): a saved conversation with its thinking panel folded,
 then opened. The conversation is the demo model's real answer, with the timing fixed so the picture is
-stable; the cursor does not blink. Update after a deliberate change with `pytest --snapshot-update`."""
+stable; the cursor does not blink and the memory figure is fixed. Update after a deliberate change with `pytest --snapshot-update`."""
 
 from __future__ import annotations
 
@@ -44,6 +44,8 @@ async def settle(pilot) -> None:
         await asyncio.sleep(0.05)
     assert app.engine.backend is not None
     app.query_one(ChatInput).cursor_blink = False
+    app.status.memory = 42 << 20  # MLX's memory count is process-wide, so earlier tests change it: frozen
+    app._refresh_status()
     await pilot.pause()
 
 
