@@ -200,6 +200,12 @@ class ChatApp(App):
 
     @on(EngineThread.Update)
     async def _update(self, message: EngineThread.Update) -> None:
+        try:
+            await self._draw(message)
+        finally:
+            self.engine.drawn()
+
+    async def _draw(self, message: EngineThread.Update) -> None:
         view = self._view
         if message.turn != self.turn or view is None:
             return  # a stopped turn's last words

@@ -4,6 +4,11 @@ MLX arrays belong to the thread that evaluates them, so loading, prefill and dec
 order, one job at a time. The UI thread never waits on it: the thread sends `post_message` updates,
 batched to about 12 a second (a widget update per token would swamp the UI at 100+ tokens/s on Metal),
 plus one immediately when the answer starts so the thinking panel folds on time.
+
+Updates are also paced by the UI: the next one is sent only after the app has drawn the last (`drawn`), and
+text gathers in between. Drawing a long code block costs more per update as it grows (Textual re-highlights
+the whole fence), and without pacing the updates queue up ahead of the user's keys
+(bench/bench_chat_ui.py measures it: a 1,500-line code answer).
 """
 
 from __future__ import annotations
@@ -81,6 +86,9 @@ class EngineThread(threading.Thread):
         self.backend: Backend | None = None
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._cancelled: set[int] = set()
+        self._drawn = threading.Event()  # the app has drawn the last update
+        self._drawn.set()
+        self.paced = True  # wait for `drawn` between updates (a benchmark turns it off to compare)
 
     def run(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -115,6 +123,10 @@ class EngineThread(threading.Thread):
         """Stop a turn at its next token (or before it starts)."""
         self._cancelled.add(turn)
 
+    def drawn(self) -> None:
+        """Called by the app when it has drawn an update: the next may be sent."""
+        self._drawn.set()
+
     def end_thinking(self) -> bool:
         return self.backend is not None and self.backend.end_thinking()
 
@@ -132,15 +144,20 @@ class EngineThread(threading.Thread):
                 return None
             return (answer_at or time.perf_counter()) - first_reasoning_at
 
-        def post() -> None:
+        def post(now: bool = False) -> None:
+            """Send the gathered text; unless `now`, only once the app has drawn the last update."""
             nonlocal last_post
-            if reasoning or answer:
-                self.app.post_message(
-                    self.Update(turn, "".join(reasoning), "".join(answer), chunks, thought() if answer_at else None)
-                )
-                reasoning.clear()
-                answer.clear()
+            if not (reasoning or answer) or (self.paced and not now and not self._drawn.is_set()):
+                return
+            self._drawn.clear()
+            self.app.post_message(
+                self.Update(turn, "".join(reasoning), "".join(answer), chunks, thought() if answer_at else None)
+            )
+            reasoning.clear()
+            answer.clear()
             last_post = time.perf_counter()
+
+        self._drawn.set()
 
         if self.backend is None or turn in self._cancelled:
             error = None if turn in self._cancelled else "no model is loaded: /model NAME loads one"
@@ -163,7 +180,7 @@ class EngineThread(threading.Thread):
                     if answer_at is None:
                         answer_at = now
                         answer.append(event.text)
-                        post()  # at once: the panel folds when the answer starts
+                        post(now=True)  # the panel folds when the answer starts
                         continue
                     answer.append(event.text)
                 elif isinstance(event, ToolCall):  # the app offers no tools; show one if a model calls anyway
@@ -184,6 +201,6 @@ class EngineThread(threading.Thread):
                     events.close()
                 except Exception as failure:
                     error = error or f"stopping failed: {type(failure).__name__}: {failure}"
-        post()
+        post(now=True)
         self._cancelled.discard(turn)
         self.app.post_message(self.Finished(turn, stats, error, thought()))
