@@ -1,6 +1,7 @@
 """Snapshots of the chat app (pytest-textual-snapshot): a saved conversation with its thinking panel folded,
 then opened. The conversation is the demo model's real answer, with the timing fixed so the picture is
-stable; the cursor does not blink and the memory figure is fixed. Update after a deliberate change with `pytest --snapshot-update`."""
+stable; the cursor does not blink and the memory figure is fixed. Update after a deliberate change with
+`pytest --snapshot-update`."""
 
 from __future__ import annotations
 

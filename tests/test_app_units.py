@@ -116,3 +116,20 @@ def test_chat_command_bad_arguments(args, message, tmp_path):
     )
     assert result.returncode == 1, result.stderr
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_streaming_fence_draws_the_same_text_as_a_whole_highlight():
+    """Highlighting only the added lines must never change the text shown, at any point of the stream."""
+    from textual.widgets._markdown import MarkdownFence
+
+    from qwen_mlx.app.widgets import StreamingFence
+
+    code = 'import os\n\n\ndef main():\n    """Doc\n    string."""\n    print(os.getcwd())  # here\n\n' * 5
+    for step in (1, 5, 23):
+        StreamingFence._last = None
+        for end in range(1, len(code) + 1, step):
+            assert (
+                StreamingFence.highlight(code[:end], "python").plain
+                == MarkdownFence.highlight(code[:end], "python").plain
+            )
+    assert StreamingFence.highlight("x = 1", "python").plain == "x = 1"  # a new fence starts afresh
