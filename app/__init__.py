@@ -6,6 +6,8 @@ Installed as `qwen_mlx.app`. `run` is the command's entry; `ChatApp` is the app 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,5 +38,12 @@ def run(args: argparse.Namespace) -> int:
             system=args.system or "",
         )
     app = ChatApp(source, conversation=conversation, store=store, panels_open=args.thinking_panels == "open")
-    app.run()
-    return app.return_code or 0
+    try:
+        app.run()
+    finally:
+        store.close()
+    # Everything is saved and closed by now. Leave without the interpreter's teardown: with the engine thread's
+    # MLX streams it can abort (SIGABRT, "terminate called without an active exception") after a clean quit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(app.return_code or 0)

@@ -72,7 +72,7 @@ def test_chat_in_a_real_terminal(demo_model_path: Path, tmp_path: Path):
         start = time.monotonic()
         while not status.exists() and time.monotonic() - start < 30:
             time.sleep(0.2)
-        assert status.read_text() == "0"
+        assert status.exists() and status.read_text() == "0", tmux.run("capture-pane", "-p", "-S", "-200")
         assert "Traceback" not in tmux.run("capture-pane", "-p", "-S", "-200")
     finally:
         tmux.kill()
