@@ -42,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
         app.run()
     finally:
         store.close()
-    # Everything is saved and closed by now. Leave without the interpreter's teardown: with the engine thread's
-    # MLX streams it can abort (SIGABRT, "terminate called without an active exception") after a clean quit.
+    # Everything is saved and closed, and the engine thread has cleared its MLX streams. Leave without the
+    # interpreter's teardown anyway: MLX's thread-local resources can still abort there (SIGABRT, "terminate
+    # called without an active exception"; ml-explore/mlx#4506 is open), turning a clean quit into exit 134.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(app.return_code or 0)

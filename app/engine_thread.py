@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import mlx.core as mx
 from textual.app import App
 from textual.message import Message
 
@@ -91,8 +92,13 @@ class EngineThread(threading.Thread):
         self.paced = True  # wait for `drawn` between updates (a benchmark turns it off to compare)
 
     def run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            job()
+        try:
+            while (job := self._jobs.get()) is not None:
+                job()
+        finally:
+            # MLX asks a thread to destroy its own streams before it ends; left to the interpreter's teardown,
+            # they can abort the process after a clean quit (ml-explore/mlx#4506, mlx-vlm#1945).
+            mx.clear_streams()
 
     def shutdown(self) -> None:
         self._jobs.put(None)
