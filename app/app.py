@@ -248,6 +248,7 @@ class ChatApp(App):
         if view is None:
             return
         thought = thought_s if thought_s is not None else self._thought_s
+        thought = round(thought, 2) if thought is not None else None  # the title shows what is saved
         if reasoning_tokens is None:  # stopped: count what was shown
             reasoning_tokens = len(self._shown_tokens(shown["reasoning"])) if shown["reasoning"] else 0
         self.conversation.messages.append(
@@ -256,7 +257,7 @@ class ChatApp(App):
                 shown["answer"].strip(),
                 reasoning=shown["reasoning"].strip(),
                 reasoning_tokens=reasoning_tokens or 0,
-                thought_s=round(thought, 2) if thought is not None else 0.0,
+                thought_s=thought if thought is not None else 0.0,
                 stopped=stopped,
             )
         )
