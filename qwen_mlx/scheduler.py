@@ -148,7 +148,7 @@ class Scheduler:
         self._in_flight = 0  # touched on the event loop only
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="qwen-mlx-worker", daemon=True)
+        self._thread = threading.Thread(target=self._work, name="qwen-mlx-worker", daemon=True)
         self.model = None
         self.tokenizer: Tokenizer | None = None
         self.context_length = 0
@@ -200,6 +200,14 @@ class Scheduler:
                 self._inbox.put(ticket)  # wakes the worker, which drops it from the batch
 
     # Worker thread from here on.
+
+    def _work(self) -> None:
+        try:
+            self._run()
+        finally:
+            # MLX asks a thread to destroy its own streams before it ends; left to the interpreter's teardown
+            # they can abort the process after a clean stop (ml-explore/mlx#4506).
+            mx.clear_streams()
 
     def _run(self) -> None:
         from mlx_lm.generate import BatchGenerator
