@@ -89,7 +89,6 @@ class ChatApp(App):
         self.engine = EngineThread(self)
         self.turn = 0  # id of the turn being generated; 0 when idle
         self._turn_ids = itertools.count(1)
-        self._turn_started = 0.0
         self._view: AssistantMessage | None = None
         self._shown: dict[str, str] = {}  # what the current turn has drawn so far: "reasoning", "answer"
         self._thought_s: float | None = None
@@ -305,7 +304,6 @@ class ChatApp(App):
         self._thought_s = None
         self.log_view.anchor()  # sending a message follows the stream again
         await self.log_view.mount(self._view)
-        self._turn_started = time.perf_counter()
         self.status.state = "waiting…"
         self._refresh_status()
         c = self.conversation

@@ -132,7 +132,6 @@ class AssistantMessage(Vertical):
         self.panels_open = panels_open
         self.panel: ThinkingPanel | None = None
         self.answer = StreamingMarkdown(message.content if message else "")
-        self._streams: list = []
         self._answer_stream = None
         self._reasoning_stream = None
         self.folded = message is not None
