@@ -66,13 +66,44 @@ def _describe_quantization(block: dict | None) -> str:
 DIM, RESET = "\033[2m", "\033[0m"
 
 
+def load_model(args: argparse.Namespace):
+    """The model for a command: the whole of it, or this rank's part on several Macs (--distributed)."""
+    if getattr(args, "distributed", None):
+        from .distributed import load_part, watch_signals
+
+        watch_signals()
+        return load_part(
+            args.model, args.distributed, layers=args.layers, quantize=args.quantize, revision=args.revision
+        )
+    from .loader import load
+
+    return load(args.model, quantize=args.quantize, revision=args.revision)
+
+
 def generate(args: argparse.Namespace) -> int:
     """Stream one reply: reasoning (dimmed on a terminal), then the answer and tool calls, then stats."""
-    from .chat import ChatSession, Done
+    from .chat import ChatSession
+    from .tokenizer import Tokenizer
+
+    model = load_model(args)
+    link = getattr(model, "link", None)
+    if link is not None and not link.leader:
+        from .distributed import run_follower
+
+        return run_follower(model)
+    session = ChatSession(model, Tokenizer.load(model.path), kv_bits=args.kv_bits)
+    try:
+        return stream_reply(args, session)
+    finally:
+        if link is not None:
+            link.close()
+
+
+def stream_reply(args: argparse.Namespace, session) -> int:
+    from .chat import Done
     from .parser import Answer, Reasoning, ToolCall, ToolCallError
     from .sampling import Sampling
 
-    session = ChatSession.load(args.model, quantize=args.quantize, revision=args.revision, kv_bits=args.kv_bits)
     sampling = Sampling(
         temperature=args.temperature,
         top_p=args.top_p,
@@ -161,7 +192,6 @@ def serve(args: argparse.Namespace) -> int:
     """Serve the model over the OpenAI API until interrupted."""
     import uvicorn
 
-    from .loader import load
     from .scheduler import Scheduler
     from .server import REASONING_FIELDS, Settings, bind, create_app, is_loopback
     from .tokenizer import Tokenizer, read_generation_config
@@ -178,14 +208,21 @@ def serve(args: argparse.Namespace) -> int:
             raise QwenMLXError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_waiting < 0:  # 0 is no queue: a request beyond --max-batch gets 429 at once
         raise QwenMLXError("--max-waiting must be at least 0")
+    if getattr(args, "distributed", None) and os.environ.get("MLX_RANK") != "0":
+        from .distributed import run_follower
+
+        return run_follower(load_model(args))  # the other ranks follow rank 0, which serves
     sock = bind(args.host, args.port)  # before the model loads: a port in use fails at once
 
-    def load_model():
-        model = load(args.model, quantize=args.quantize, revision=args.revision)
+    def load_with_tokenizer():
+        model = load_model(args)
         return model, Tokenizer.load(model.path)
 
     scheduler = Scheduler(
-        load_model, max_batch=args.max_batch, max_waiting=args.max_waiting, prefill_step_size=args.prefill_step_size
+        load_with_tokenizer,
+        max_batch=args.max_batch,
+        max_waiting=args.max_waiting,
+        prefill_step_size=args.prefill_step_size,
     )
     print(f"qwen-mlx: loading {args.model}", file=sys.stderr, flush=True)
     scheduler.start()
@@ -218,7 +255,33 @@ def chat(args: argparse.Namespace) -> int:
     for option, value in (("--budget", args.budget), ("--temp", args.temp)):
         if value is not None and value < 0:
             raise QwenMLXError(f"{option} {value} is invalid: it must be >= 0")
+    if args.distributed:
+        from .distributed import serve_in_background
+
+        if args.endpoint:
+            raise QwenMLXError("--distributed runs the model here: leave out --endpoint")
+        with serve_in_background(args) as (endpoint, api_key):
+            args.endpoint, args.api_key = endpoint, api_key
+            return run(args)
     return run(args)
+
+
+def add_distributed_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group('several Macs (see the README\'s "Several Macs")')
+    group.add_argument(
+        "--distributed",
+        choices=("tp", "pp"),
+        help="split the model across hosts: tp (tensor parallel, fast links) or pp (pipeline, slow links)",
+    )
+    group.add_argument("--hostfile", metavar="FILE", help="mlx.launch's hosts.json: the Macs and their IPs")
+    group.add_argument("--ranks", type=int, metavar="N", help="run N ranks on this machine instead (testing)")
+    group.add_argument("--layers", metavar="A,B,...", help="pp: layers per rank (default: by each host's memory)")
+    group.add_argument(
+        "--peer-timeout",
+        type=float,
+        metavar="S",
+        help="end the run when the other ranks give no answer for S seconds (default 120)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the KV cache to 4 or 8 bits")
     gen.add_argument("--quantize", type=int, choices=(4, 8), help="quantize float weights on load")
     gen.add_argument("--revision", help="a branch, tag or commit of a Hub repo")
+    add_distributed_options(gen)
     gen.set_defaults(handler=generate)
 
     srv = commands.add_parser(
@@ -284,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--quantize", type=int, choices=(4, 8), help="quantize float weights on load")
     srv.add_argument("--revision", help="a branch, tag or commit of a Hub repo")
     srv.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    add_distributed_options(srv)
     srv.set_defaults(handler=serve)
 
     chat_parser = commands.add_parser(
@@ -311,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="open",
         help="whether a thinking panel is open while it streams (it folds when the answer starts)",
     )
+    add_distributed_options(chat_parser)
     chat_parser.set_defaults(handler=chat)
 
     demo = commands.add_parser(
@@ -346,13 +412,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return convert_main(argv[1:], prog="qwen-mlx convert")
     args = build_parser().parse_args(argv)
+    distributed = getattr(args, "distributed", None)
+    rank = os.environ.get("MLX_RANK") if distributed else None
     try:
-        return args.handler(args)
+        if distributed:
+            if args.peer_timeout is not None:
+                os.environ["QWEN_MLX_PEER_TIMEOUT"] = str(args.peer_timeout)
+            if rank is None and args.command != "chat":  # the launching process: start every rank
+                from .distributed import launch
+
+                return launch(argv, hostfile=args.hostfile, ranks=args.ranks)
+        status = args.handler(args)
     except QwenMLXError as error:
-        print(f"qwen-mlx: error: {error}", file=sys.stderr)
-        return 1
+        where = f" (rank {rank})" if rank not in (None, "0") else ""
+        print(f"qwen-mlx: error{where}: {error}", file=sys.stderr)
+        status = 1
     except KeyboardInterrupt:
-        return 130
+        status = 130
+    if rank is not None:
+        from .distributed import report_status
+
+        report_status(status)
+    return status
 
 
 if __name__ == "__main__":

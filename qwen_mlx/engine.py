@@ -8,6 +8,9 @@ Notable features:
 - `inject(ids)` forces tokens into the sequence (the thinking budget's early-stop text); the one step
   already queued is dropped, the cache stays consistent because the queued step only consumed tokens that
   are part of the sequence.
+- On several Macs (`qwen_mlx.distributed`) the model carries a `link`: rank 0 shares each generation's
+  start and a control word per token, the sampled token is rank 0's on every rank, and the other ranks run
+  this same loop to mirror it.
 - The caches, samplers and logits processors are mlx-lm's; this module owns only the loop, because the
   chat layer needs injection and a cache shared across turns, which mlx-lm's `generate_step` lacks.
 The engine knows nothing about text: token ids only (tokenization and templates live in the chat layer).
@@ -24,6 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
+from .distributed import END, INJECT, NEXT
 from .errors import QwenMLXError
 from .sampling import LogitsProcessor, Sampler
 
@@ -120,6 +124,8 @@ class Generation:
         self.logprobs: mx.array | None = None  # log-probabilities the last sampled token was drawn from
         self.stats = Stats(prefill_tokens=len(self.prompt_ids))
         self._injected: list[int] = []
+        self.link = getattr(model, "link", None)  # several Macs: the lockstep with the other ranks
+        self._stopped_by_leader = False
 
     def inject(self, ids: Sequence[int]) -> None:
         """Force `ids` next: they are yielded in order, then sampling resumes after them."""
@@ -137,7 +143,10 @@ class Generation:
                 for processor in self.logits_processors:
                     logits = processor(history, logits)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            return self.sampler(logprobs), logprobs.squeeze(0)
+            token = self.sampler(logprobs)
+            if self.link is not None:
+                token = self.link.agree(token)
+            return token, logprobs.squeeze(0)
 
     def _prefill(self, ids: list[int]) -> tuple[mx.array, mx.array]:
         """Feed all of `ids`, in chunks, and queue the sampling of the token that follows.
@@ -150,7 +159,7 @@ class Generation:
             n = min(self.prefill_step_size, total - done - 1)
             with mx.stream(generation_stream()):
                 self.model(mx.array(ids[done : done + n])[None], cache=self.cache)
-                mx.eval([c.state for c in self.cache])
+                self._wait(lambda: mx.eval([c.state for c in self.cache]))
             done += n
             if self.on_prefill:
                 self.on_prefill(done, total)
@@ -158,6 +167,71 @@ class Generation:
         return self._step(mx.array(ids[done:]))
 
     def __iter__(self) -> Iterator[int]:
+        if self.link is None:
+            yield from self._generate()
+        elif self.link.leader:
+            yield from self._lead()
+        else:
+            self._follow()
+
+    def _lead(self) -> Iterator[int]:
+        """Rank 0: tell the followers what to generate, then whether to go on after each token."""
+        link = self.link
+        if self.max_tokens == 0:
+            self.stats.finish_reason = "length"
+            return
+        link.share({
+            "op": "generate",
+            "cache": id(self.cache),
+            "kv_bits": getattr(self.cache[0], "bits", None) if self.cache else None,
+            "keep": cache_length(self.cache),
+            "prompt": self.prompt_ids,
+            "max_tokens": self.max_tokens,
+            "end_ids": sorted(self.end_ids),
+            "prefill_step_size": self.prefill_step_size,
+        })  # fmt: skip
+        try:
+            yield from self._generate()
+        finally:  # an end token, max_tokens, or a consumer that stopped listening
+            link.signal(END)
+
+    def _follow(self) -> None:
+        """Another rank: run the same steps on rank 0's tokens until rank 0 says stop."""
+        for _ in self._generate():
+            pass
+        if not self._stopped_by_leader:  # an end token or max_tokens: rank 0's generator ended there too
+            self.link.signal()
+
+    def _wait(self, fn):
+        """Block on the device; on several Macs the watchdog sees how long the other ranks take."""
+        if self.link is None:
+            return fn()
+        with self.link.waiting():
+            return fn()
+
+    def _control(self, forced: list[int]) -> list[int] | None:
+        """Between tokens on several Macs: rank 0 says go on (with any forced tokens) or stop (None)."""
+        link = self.link
+        if link is None:
+            return forced
+        if link.leader:
+            if forced:
+                link.signal(INJECT)
+                link.share(forced)
+            else:
+                link.signal(NEXT)
+            return forced
+        code = link.signal()
+        if code == NEXT:
+            return []
+        if code == INJECT:
+            forced = list(link.share())
+            self.tokens.extend(forced)
+            return forced
+        self._stopped_by_leader = True
+        return None
+
+    def _generate(self) -> Iterator[int]:
         start = time.perf_counter()
         mx.reset_peak_memory()
         if self.max_tokens == 0:
@@ -169,7 +243,7 @@ class Generation:
         while True:
             next_token, next_logprobs = self._step(token, pending=True)
             mx.async_eval(next_token, next_logprobs)
-            value = token.item()
+            value = self._wait(token.item)
             if first_token_at is None:
                 first_token_at = time.perf_counter()
                 self.stats.ttft_s = first_token_at - start
@@ -186,16 +260,20 @@ class Generation:
             if len(self.tokens) >= self.max_tokens:
                 self.stats.finish_reason = "length"
                 return
-            if self._injected:
-                # `token` is already in the cache (the queued step consumed it); its prediction is dropped.
-                forced, self._injected = self._injected, []
-                for value in forced:
-                    self.tokens.append(value)
-                    self._account(first_token_at)
-                    yield value
-                    if len(self.tokens) >= self.max_tokens:
-                        self.stats.finish_reason = "length"
-                        return
+            # Forced tokens (`inject`): `token` is already in the cache (the queued step consumed it); its
+            # prediction is dropped. Rank 0 yields them before telling the other ranks, who only feed them.
+            forced, self._injected = self._injected, []
+            for value in forced:
+                self.tokens.append(value)
+                self._account(first_token_at)
+                yield value
+                if len(self.tokens) >= self.max_tokens:
+                    self.stats.finish_reason = "length"
+                    return
+            forced = self._control(forced)
+            if forced is None:
+                return
+            if forced:
                 next_token, next_logprobs = self._prefill(forced)
                 mx.async_eval(next_token, next_logprobs)
             token, logprobs = next_token, next_logprobs

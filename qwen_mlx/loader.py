@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,14 +116,19 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def weight_files(path: Path) -> list[Path]:
-    """The safetensors files holding the weights, checked against the shard index when there is one."""
+def weight_files(path: Path, keep: Callable[[str], bool] | None = None) -> list[Path]:
+    """The safetensors files holding the weights, checked against the shard index when there is one.
+
+    With `keep`, only the shards the index says hold a tensor it accepts (the others need not be there).
+    """
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
         try:
             weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             raise QwenMLXError(f"{index_file} is not a valid shard index (expected a 'weight_map' object)") from None
+        if keep is not None:
+            weight_map = {name: file for name, file in weight_map.items() if keep(name)}
         files = [path / name for name in sorted(set(weight_map.values()))]
         for file in files:
             if not file.is_file():
@@ -175,14 +181,18 @@ def check_safetensors(file: Path) -> dict[str, tuple[str, list[int]]]:
     return tensors
 
 
-def read_weights(path: Path, allow_fp8: bool = False) -> dict[str, mx.array]:
+def read_weights(path: Path, allow_fp8: bool = False, keep: Callable[[str], bool] | None = None) -> dict[str, mx.array]:
     """All tensors of a checkpoint folder as lazy MLX arrays (nothing is read until evaluated).
 
     FP8 tensors come back as their raw bytes (uint8) when `allow_fp8`; the converter decodes them.
+    With `keep`, only the tensors it accepts, and no shard that holds none of them is opened (a pipeline
+    stage of a model too large for one host).
     """
     weights: dict[str, mx.array] = {}
-    for file in weight_files(path):
+    for file in weight_files(path, keep):
         names = check_safetensors(file)
+        if keep is not None and not any(map(keep, names)):
+            continue
         if not allow_fp8 and (dtypes := {d for d, _ in names.values() if d.startswith("F8")}):
             raise QwenMLXError(
                 f"{file} holds {'/'.join(sorted(dtypes))} weights; convert the checkpoint first with "
@@ -192,6 +202,8 @@ def read_weights(path: Path, allow_fp8: bool = False) -> dict[str, mx.array]:
             arrays = mx.load(str(file))
         except (RuntimeError, ValueError) as error:
             raise QwenMLXError(f"{file} could not be read as safetensors ({error})") from None
+        if keep is not None:
+            arrays = {name: array for name, array in arrays.items() if keep(name)}
         if duplicates := sorted(weights.keys() & arrays.keys()):
             raise QwenMLXError(f"tensor {duplicates[0]} appears in more than one shard ({file.name} and another)")
         weights.update(arrays)

@@ -76,6 +76,10 @@ class SparseMoeBlock(nn.Module):
         self.norm_topk_prob = args.norm_topk_prob
         self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
         self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.num_experts)
+        # Expert parallelism (qwen_mlx.distributed): this rank holds experts [first_expert, +local_experts).
+        self.group: Any = None
+        self.first_expert = 0
+        self.local_experts = args.num_experts
 
     def __call__(self, x: mx.array) -> mx.array:
         probs = mx.softmax(self.gate(x), axis=-1, precise=True)  # softmax over all experts, then top-k
@@ -84,8 +88,17 @@ class SparseMoeBlock(nn.Module):
         scores = mx.take_along_axis(probs, indices, axis=-1)
         if self.norm_topk_prob:
             scores = scores / scores.sum(axis=-1, keepdims=True)
+        if self.group is not None:
+            # Run the chosen experts this rank holds (others weigh 0); the all-reduce adds the ranks' parts.
+            local = indices - self.first_expert
+            mine = (local >= 0) & (local < self.local_experts)
+            indices = mx.where(mine, local, 0)
+            scores = mx.where(mine, scores, 0)
         y = self.switch_mlp(x, indices)  # (..., k, D)
-        return (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
+        y = (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
+        if self.group is not None:
+            y = mx.distributed.all_sum(y, group=self.group)
+        return y
 
 
 class DecoderLayer(nn.Module):
@@ -110,6 +123,8 @@ class Qwen3Model(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        # Pipeline parallelism (qwen_mlx.distributed): `layers` holds this rank's stage only.
+        self.pipeline: Any = None
 
     def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
         h = self.embed_tokens(inputs)
@@ -120,8 +135,12 @@ class Qwen3Model(nn.Module):
             mask = cache[0].make_mask(h.shape[1], return_array=False, window_size=None)
         else:
             mask = "causal" if h.shape[1] > 1 else None
+        if self.pipeline is not None:
+            h = self.pipeline.receive(h)
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             h = layer(h, mask, layer_cache)
+        if self.pipeline is not None:
+            h = self.pipeline.pass_on(h, cache)
         return self.norm(h)
 
 

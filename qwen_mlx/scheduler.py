@@ -16,6 +16,9 @@ Design decisions:
   cancelled ticket (a client that went away) leaves the batch before the next step.
 - A failure inside a step fails the tickets in that batch, drops the batch and carries on: the server
   outlives any request.
+- On several Macs (a model with a `link`, see `qwen_mlx.distributed`) turns run one at a time through
+  `Generation`, which keeps the other ranks in step; the conversation's cache is kept across turns, so
+  a continuing chat prefills only what is new.
 """
 
 from __future__ import annotations
@@ -224,6 +227,12 @@ class Scheduler:
         tokenizer = self.tokenizer
         special = SpecialIds.of(tokenizer)
         end_ids = set(tokenizer.end_token_ids)
+        if getattr(self.model, "link", None) is not None:
+            try:
+                self._run_in_lockstep(special, end_ids)
+            finally:
+                self.model.link.close()
+            return
         prompt_cache = LRUPromptCache(max_size=self.prompt_cache_size)
         stream = mx.new_stream(mx.default_device())  # MLX streams belong to the thread that made them
 
@@ -290,6 +299,67 @@ class Scheduler:
                 batch.close()
                 batch = new_batch()
                 mx.clear_cache()
+
+    def _run_in_lockstep(self, special: SpecialIds, end_ids: set[int]) -> None:
+        """Several Macs: one turn at a time through `Generation`; the other ranks mirror every step."""
+        from .chat import common_prefix
+        from .distributed import PeerLost, stop
+        from .engine import Generation, cache_length, trim_cache
+
+        cache = make_cache(self.model, None)
+        cached_ids: list[int] = []  # the tokens whose keys and values the cache holds
+        waiting: list[Ticket] = []
+        while True:
+            items = [self._inbox.get()] if not waiting else []
+            while True:
+                try:
+                    items.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            if None in items:
+                return
+            waiting += [t for t in items if not t.cancelled and t not in waiting]
+            waiting = [t for t in waiting if not t.cancelled]
+            if not waiting:
+                continue
+            ticket = waiting.pop(0)
+            turn = ticket.turn
+            ids = turn.prompt_ids
+            keep = min(common_prefix(cached_ids, ids), len(ids) - 1)
+            trim_cache(cache, keep)
+            state = _Live(ticket, self.tokenizer, special, keep)
+            generation = Generation(
+                self.model,
+                ids[keep:],
+                cache,
+                sampler=turn.sampler,
+                logits_processors=turn.processors,
+                max_tokens=turn.max_tokens,
+                end_ids=end_ids,
+                prefill_step_size=self.prefill_step_size,
+            )
+            steps = iter(generation)
+            try:
+                try:
+                    for token in steps:
+                        if ticket.cancelled:
+                            break
+                        over = len(generation.tokens) >= turn.max_tokens
+                        finish = "stop" if token in end_ids else "length" if over else None
+                        if self._deliver(state, token, generation.logprobs, finish, end_ids):
+                            break
+                finally:
+                    steps.close()  # tells the other ranks to stop here too
+            except PeerLost as e:
+                ticket.put(Failed(str(e)))
+                ticket.put(None)
+                stop(f"{e}; stopping the server")
+            except Exception as e:
+                ticket.put(Failed(f"generation failed: {e}"))
+                ticket.put(None)
+                cache, cached_ids = make_cache(self.model, None), []
+                continue
+            cached_ids = (ids + generation.tokens)[: cache_length(cache)]
 
     def _admit(self, batch, prompt_cache, ticket: Ticket) -> tuple[int, int]:
         from mlx_lm.models.cache import trim_prompt_cache

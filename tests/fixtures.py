@@ -200,6 +200,18 @@ VARIANTS: dict[str, Builder] = {
     # Half-precision checkpoints, as most Hub repos ship (bf16) and some older ones (fp16).
     "dense_bf16": _dense(seed=6, dtype=torch.bfloat16),
     "dense_fp16": _dense(seed=7, dtype=torch.float16),
+    # Several Macs: 4 layers and 4 key-value heads split over 2 or 4 ranks; widths that stay whole 4-bit
+    # groups (64) when cut in 2. The dense one is sharded on disk, so pipeline stages skip shards.
+    "dist_dense": _dense(
+        seed=21,
+        hidden_size=128,
+        intermediate_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=32,
+        num_hidden_layers=4,
+        max_shard_size="20MB",
+    ),
     "moe_norm_topk": _sparse(seed=11, norm_topk_prob=True),
     "moe_no_norm_topk": _sparse(seed=12, norm_topk_prob=False, num_experts=8),
     # 3 and 4 layers so that mlp_only_layers and decoder_sparse_step give different layer patterns.
@@ -209,6 +221,17 @@ VARIANTS: dict[str, Builder] = {
     # Real Qwen3 MoE repos: `num_experts`, top-level rope_theta, transformers 4.x layout.
     "moe_hub": _sparse(seed=16, hub_layout=True),
     "moe_yarn_hub": _sparse(seed=17, hub_layout=True, rope_parameters=_yarn()),
+    "dist_moe": _sparse(
+        seed=22,
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=32,
+        num_experts=8,
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        tie_word_embeddings=True,
+    ),
 }
 
 # Checkpoints whose config is the transformers 4.x layout and whose twin (same weights) is transformers 5.
