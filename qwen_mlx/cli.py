@@ -69,9 +69,8 @@ DIM, RESET = "\033[2m", "\033[0m"
 def load_model(args: argparse.Namespace):
     """The model for a command: the whole of it, or this rank's part on several Macs (--distributed)."""
     if getattr(args, "distributed", None):
-        from .distributed import load_part, watch_signals
+        from .distributed import load_part
 
-        watch_signals()
         return load_part(
             args.model, args.distributed, layers=args.layers, quantize=args.quantize, revision=args.revision
         )
@@ -422,6 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from .distributed import launch
 
                 return launch(argv, hostfile=args.hostfile, ranks=args.ranks)
+            if rank is not None:
+                from .distributed import watch_signals
+
+                watch_signals()
         status = args.handler(args)
     except QwenMLXError as error:
         where = f" (rank {rank})" if rank not in (None, "0") else ""

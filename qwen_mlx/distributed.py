@@ -53,6 +53,7 @@ from .errors import QwenMLXError
 
 MODES = ("tp", "pp")
 PEER_TIMEOUT_S = 120.0
+RANKS_GRACE_S = 5.0  # how long the other ranks get to end once rank 0 has
 MIRRORED_CACHES = 8  # caches a follower keeps for rank 0 (the endpoint uses one, the CLI one per session)
 
 # The per-token control word rank 0 sends its followers.
@@ -217,7 +218,6 @@ def restrict_to_stage(model, plan: Plan) -> None:
     start, stop = plan.stage()
     model.model.layers = model.model.layers[start:stop]
     model.model.pipeline = Pipeline(plan.group)
-    model.first_layer = start
 
 
 def _copy_params(module: nn.Module) -> nn.Module:
@@ -485,13 +485,12 @@ def report_status(status: int) -> None:
 
 def read_hostfile(path: str) -> dict:
     """An `mlx.launch` hostfile, checked: a list of hosts (or {"hosts": [...]}) with ssh names and IPs."""
+    from .loader import read_json
+
     file = Path(path).expanduser()
     if not file.is_file():
         raise QwenMLXError(f"no hostfile at {file}")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise QwenMLXError(f"{file} is not valid JSON ({error})") from None
+    data = read_json(file)
     hosts = data.get("hosts") if isinstance(data, dict) else data
     if not isinstance(hosts, list) or not all(isinstance(h, dict) and isinstance(h.get("ssh"), str) for h in hosts):
         raise QwenMLXError(f'{file} must list hosts as [{{"ssh": "name", "ips": ["10.0.0.2"]}}, ...]')
@@ -517,7 +516,8 @@ def launch_command(argv: list[str], *, hostfile: str | None, ranks: int | None, 
             )
         backend = "ring"
         where = ["--hosts", "127.0.0.1", "-n", str(ranks)]
-    env = [f"QWEN_MLX_STATUS_FILE={status_file}", f"QWEN_MLX_BACKEND={backend}"]
+    joins = "jaccl" if backend.startswith("jaccl") else backend  # mlx.launch's jaccl-ring is jaccl inside
+    env = [f"QWEN_MLX_STATUS_FILE={status_file}", f"QWEN_MLX_BACKEND={joins}"]
     for name in ("QWEN_MLX_PEER_TIMEOUT", "QWEN_MLX_CACHE", "HF_HUB_OFFLINE", "HF_HOME"):
         if name in os.environ:
             env.append(f"{name}={os.environ[name]}")
@@ -528,20 +528,51 @@ def launch_command(argv: list[str], *, hostfile: str | None, ranks: int | None, 
     ]  # fmt: skip
 
 
+def start_ranks(command: list[str], **popen: Any):
+    """Start `mlx.launch` in a session of its own, so that stopping it reaches every local rank."""
+    import subprocess
+
+    try:
+        return subprocess.Popen(command, start_new_session=True, **popen)
+    except FileNotFoundError:
+        raise QwenMLXError(f"{command[0]} was not found; it comes with MLX (pip install mlx)") from None
+
+
+def stop_ranks(process) -> None:
+    """End `mlx.launch` and every local process it started: SIGTERM, then SIGKILL for what is left after
+    5 s (a rank that is stopped or stuck ignores SIGTERM, and `mlx.launch` would wait on it forever)."""
+    import subprocess
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5)
+
+
 def launch(argv: list[str], *, hostfile: str | None, ranks: int | None) -> int:
     """Run `qwen-mlx <argv>` on every rank through `mlx.launch` and return rank 0's exit status."""
-    import subprocess
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="qwen-mlx-") as scratch:
         status_file = os.path.join(scratch, "status")
-        command = launch_command(argv, hostfile=hostfile, ranks=ranks, status_file=status_file)
+        process = start_ranks(launch_command(argv, hostfile=hostfile, ranks=ranks, status_file=status_file))
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop_ranks(process))
         try:
-            subprocess.run(command, check=False)
-        except FileNotFoundError:
-            raise QwenMLXError(f"{command[0]} was not found; it comes with MLX (pip install mlx)") from None
+            finished_at = None
+            while process.poll() is None:
+                # Once rank 0 is done, a rank that does not end (a silent host) is not waited for long.
+                if finished_at is None and os.path.exists(status_file):
+                    finished_at = time.monotonic()
+                if finished_at is not None and time.monotonic() - finished_at > RANKS_GRACE_S:
+                    stop_ranks(process)
+                time.sleep(0.2)
         except KeyboardInterrupt:
+            stop_ranks(process)
             return 130
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            stop_ranks(process)  # a rank mlx.launch left behind
         try:
             return int(Path(status_file).read_text())
         except (OSError, ValueError):
@@ -559,8 +590,11 @@ def watch_signals() -> None:
         signal.signal(signal.SIGTERM, on_terminate)
 
 
-def follow(model) -> None:
-    """A follower's life: mirror each generation rank 0 starts, until rank 0 says exit or goes away."""
+def follow(model, on_generation=None) -> None:
+    """A follower's life: mirror each generation rank 0 starts, until rank 0 says exit or goes away.
+
+    `on_generation(generation)` sees each mirrored generation once it ends (the tests compare tokens).
+    """
     from .engine import Generation, cache_length, make_cache, trim_cache
 
     link = model.link
@@ -590,6 +624,8 @@ def follow(model) -> None:
         )
         for _ in generation:
             pass
+        if on_generation is not None:
+            on_generation(generation)
 
 
 def run_follower(model) -> int:
@@ -632,7 +668,7 @@ def serve_in_background(args):
         command = launch_command(argv, hostfile=args.hostfile, ranks=args.ranks, status_file=status_file)
         with open(log_file, "wb") as log:
             print(f"qwen-mlx: starting the ranks ({args.distributed}); their log: {log_file}", file=sys.stderr)
-            ranks = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            ranks = start_ranks(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         endpoint = f"http://127.0.0.1:{port}/v1"
         try:
             while True:  # until rank 0 answers, or the ranks give up
@@ -647,8 +683,4 @@ def serve_in_background(args):
                     time.sleep(0.5)
             yield endpoint, api_key
         finally:
-            ranks.terminate()
-            try:
-                ranks.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                ranks.kill()
+            stop_ranks(ranks)

@@ -103,14 +103,19 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise QwenMLXError(f"could not download {repo_id}: {error}") from None
 
 
+def read_json(file: Path) -> Any:
+    """A JSON file's contents, or one readable error naming it."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise QwenMLXError(f"{file} is not valid JSON ({error})") from None
+
+
 def read_config(path: Path) -> dict[str, Any]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise QwenMLXError(f"{path} has no config.json; is this a model folder?")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise QwenMLXError(f"{config_file} is not valid JSON ({error})") from None
+    config = read_json(config_file)
     if not isinstance(config, dict):
         raise QwenMLXError(f"{config_file} must hold a JSON object")
     return config

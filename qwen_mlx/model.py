@@ -6,7 +6,8 @@ router whose experts run through gather matmuls. `mx.fast` kernels throughout (r
 scaled_dot_product_attention), with mlx-lm's key/value caches (plain or quantized). Parameter names are
 Hugging Face's, with mlx-lm's stacked `mlp.switch_mlp.*` experts, so mlx-lm checkpoints load as they are
 and Hugging Face ones after `sanitize`.
-The model knows tensors only: token ids in, logits out.
+The model knows tensors only: token ids in, logits out. On several Macs, `qwen_mlx.distributed` swaps in
+sharded layers and sets the two hooks here: a MoE block's expert range and group, and the pipeline stage.
 """
 
 from __future__ import annotations

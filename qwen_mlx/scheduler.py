@@ -249,13 +249,7 @@ class Scheduler:
         batch = new_batch()
         live: dict[int, _Live] = {}
         while True:
-            # Take what arrived; when idle, sleep until something does.
-            items = [self._inbox.get()] if not live else []
-            while True:
-                try:
-                    items.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
+            items = self._arrivals(wait=not live)
             if None in items:
                 batch.close()
                 return
@@ -300,6 +294,15 @@ class Scheduler:
                 batch = new_batch()
                 mx.clear_cache()
 
+    def _arrivals(self, wait: bool) -> list:
+        """What arrived in the inbox; with `wait` (idle), sleep until something does."""
+        items = [self._inbox.get()] if wait else []
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return items
+
     def _run_in_lockstep(self, special: SpecialIds, end_ids: set[int]) -> None:
         """Several Macs: one turn at a time through `Generation`; the other ranks mirror every step."""
         from .chat import common_prefix
@@ -310,12 +313,7 @@ class Scheduler:
         cached_ids: list[int] = []  # the tokens whose keys and values the cache holds
         waiting: list[Ticket] = []
         while True:
-            items = [self._inbox.get()] if not waiting else []
-            while True:
-                try:
-                    items.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
+            items = self._arrivals(wait=not waiting)
             if None in items:
                 return
             waiting += [t for t in items if not t.cancelled and t not in waiting]

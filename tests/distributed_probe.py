@@ -1,0 +1,80 @@
+"""One rank of a distributed test run (started by `mlx.launch`), or the single-process reference (`--single`).
+
+Every rank loads its part, then rank 0 plays a fixed scenario through `Generation` while the others follow:
+1. greedy, with tokens forced in after the third (the thinking budget's `inject`);
+2. the same cache continued with a new message, the consumer walking away after four tokens;
+3. sampled at temperature 1 from an RNG seeded differently on every rank (only rank 0's draw may count).
+Each rank prints one `PROBE {json}` line: the tokens it fed, and its weight bytes and resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import mlx.core as mx
+
+from qwen_mlx.engine import Generation, make_cache
+from qwen_mlx.memory import model_nbytes
+from qwen_mlx.sampling import Sampling
+
+# <|im_start|>user\nHello there, how are you today?<|im_end|>\n<|im_start|>assistant\n
+PROMPT = [151644, 872, 198, 9707, 1052, 11, 1246, 525, 498, 3351, 30, 151645, 198, 151644, 77091, 198]
+FORCED = [151667, 198, 1654]  # <think>\nWe
+FOLLOW_UP = [151645, 198, 151644, 872, 198, 40, 1490, 13, 151645, 198, 151644, 77091, 198]
+END_IDS = [151645, 151643]
+
+
+def scenario(model) -> list[list[int]]:
+    cache = make_cache(model)
+    first = Generation(model, PROMPT, cache, max_tokens=10, end_ids=END_IDS)
+    for _token in first:
+        if len(first.tokens) == 3:
+            first.inject(FORCED)
+    second = Generation(model, FOLLOW_UP, cache, max_tokens=10, end_ids=END_IDS)
+    for _ in second:
+        if len(second.tokens) == 4:
+            break
+    sampled = Generation(
+        model,
+        PROMPT,
+        make_cache(model),
+        sampler=Sampling(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0).sampler(model.args.vocab_size),
+        max_tokens=8,
+        end_ids=[],
+    )
+    list(sampled)
+    return [first.tokens, second.tokens, sampled.tokens]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("mode", choices=("tp", "pp", "single"))
+    parser.add_argument("--layers")
+    args = parser.parse_args()
+    if args.mode == "single":
+        from qwen_mlx.loader import load
+
+        model, rank = load(args.model), 0
+    else:
+        from qwen_mlx.distributed import follow, load_part
+
+        model = load_part(args.model, args.mode, layers=args.layers)
+        rank = model.link.rank
+    mx.clear_cache()
+    record = {"rank": rank, "weights": model_nbytes(model), "active": mx.get_active_memory()}
+    mx.random.seed(1234 + rank)  # a different RNG on every rank: agreement must come from rank 0's broadcast
+    if rank == 0:
+        record["tokens"] = scenario(model)
+        if args.mode != "single":
+            model.link.close()
+    else:
+        seen: list[list[int]] = []
+        follow(model, on_generation=lambda generation: seen.append(list(generation.tokens)))
+        record["tokens"] = seen
+    print("PROBE " + json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
