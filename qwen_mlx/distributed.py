@@ -336,6 +336,7 @@ def load_part(
     """Load this rank's part of a model: join the run, plan it, read only what this rank owns, shard."""
     from . import loader
     from .config import ModelArgs
+    from .memory import check_fits
     from .model import Model
     from .quant import apply_saved_quantization, check_bits, quantize_model
 
@@ -377,6 +378,7 @@ def load_part(
     model.plan = plan_
     loader.evaluate(model)
     mx.clear_cache()
+    check_fits(model)  # this rank's part against this Mac's memory (and its wired limit on Metal)
     model.link = Link(plan_.group)
     return model
 
