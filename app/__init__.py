@@ -8,10 +8,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 
-def run(args: argparse.Namespace) -> int:
-    """Start the app from `qwen-mlx chat`'s arguments; bad arguments raise QwenMLXError before it draws."""
+def run(args: argparse.Namespace, cleanup: Callable[[], None] | None = None) -> int:
+    """Start the app from `qwen-mlx chat`'s arguments; bad arguments raise QwenMLXError before it draws.
+
+    `cleanup` runs after the app, before the process leaves (it leaves with `os._exit`, see below, so
+    context managers and atexit handlers around this call would never run).
+    """
     from qwen_mlx.errors import QwenMLXError
 
     from .app import ChatApp, Source
@@ -42,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         app.run()
     finally:
         store.close()
+        if cleanup is not None:
+            cleanup()
     # Everything is saved and closed, and the engine thread has cleared its MLX streams. Leave without the
     # interpreter's teardown anyway: MLX's thread-local resources can still abort there (SIGABRT, "terminate
     # called without an active exception"; ml-explore/mlx#4506 is open), turning a clean quit into exit 134.

@@ -255,13 +255,16 @@ def chat(args: argparse.Namespace) -> int:
         if value is not None and value < 0:
             raise QwenMLXError(f"{option} {value} is invalid: it must be >= 0")
     if args.distributed:
+        import contextlib
+
         from .distributed import serve_in_background
 
         if args.endpoint:
             raise QwenMLXError("--distributed runs the model here: leave out --endpoint")
-        with serve_in_background(args) as (endpoint, api_key):
-            args.endpoint, args.api_key = endpoint, api_key
-            return run(args)
+        with contextlib.ExitStack() as ranks:
+            args.endpoint, args.api_key = ranks.enter_context(serve_in_background(args))
+            args.quantize = None  # the ranks quantize; the app only talks to them
+            return run(args, cleanup=ranks.close)
     return run(args)
 
 
