@@ -417,6 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     distributed = getattr(args, "distributed", None)
     rank = os.environ.get("MLX_RANK") if distributed else None
     try:
+        if not distributed:
+            for flag in ("hostfile", "ranks", "layers", "peer_timeout"):
+                if getattr(args, flag, None) is not None:
+                    raise QwenMLXError(f"--{flag.replace('_', '-')} goes with --distributed tp or --distributed pp")
         if distributed:
             if args.peer_timeout is not None:
                 os.environ["QWEN_MLX_PEER_TIMEOUT"] = str(args.peer_timeout)

@@ -375,7 +375,6 @@ def load_part(
         shard_tensor_parallel(model, plan_.group)
     shard_vocabulary(model, plan_.group)
     model.config, model.path = config, path
-    model.plan = plan_
     loader.evaluate(model)
     mx.clear_cache()
     check_fits(model)  # this rank's part against this Mac's memory (and its wired limit on Metal)

@@ -174,6 +174,8 @@ def test_cli_bad_input_is_one_line(checkpoint):
     assert done.returncode == 1, done.stderr
     assert "tensor parallelism over 3 ranks needs the model's key-value heads (4)" in done.stderr
     assert "Traceback" not in done.stderr
+    done = qwen_mlx("generate", "--model", model, "--prompt", "hi", "--hostfile", "hosts.json")
+    assert done.returncode == 1 and "--hostfile goes with --distributed" in done.stderr
 
 
 # -- the one command --------------------------------------------------------------------------------------------
