@@ -105,6 +105,9 @@ async def test_thinking_folds_when_the_answer_starts(make_app, engine_answer):
         await wait_until(lambda: view.answer.source or app.turn == 0, what="the answer to start")
         seen["collapsed"], seen["title"] = view.panel.collapsed, str(view.panel.title)
         await sending
+        # Enter's press can return while the answer still streams: the stats are read once it is saved.
+        await wait_until(lambda: app.conversation.messages[-1].role == "assistant", what="the answer to end")
+        await pilot.pause()
         panel = app.query_one(ThinkingPanel)
         message = app.conversation.messages[-1]
         assert seen["collapsed"] is True
