@@ -425,8 +425,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.peer_timeout is not None:
                 os.environ["QWEN_MLX_PEER_TIMEOUT"] = str(args.peer_timeout)
             if rank is None and args.command != "chat":  # the launching process: start every rank
-                from .distributed import launch
+                from .distributed import launch, preflight
 
+                preflight(args.model, distributed, hostfile=args.hostfile, ranks=args.ranks, layers=args.layers,
+                          quantize=args.quantize, revision=getattr(args, "revision", None))  # fmt: skip
                 return launch(argv, hostfile=args.hostfile, ranks=args.ranks)
             if rank is not None:
                 from .distributed import watch_signals

@@ -166,16 +166,78 @@ def qwen_mlx(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qwen_mlx", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_cli_bad_input_is_one_line(checkpoint):
-    model = str(checkpoint("dist_dense"))
-    done = qwen_mlx("generate", "--model", model, "--prompt", "hi", "--distributed", "tp")
-    assert done.returncode == 1 and "--hostfile" in done.stderr and "Traceback" not in done.stderr
-    done = qwen_mlx("generate", "--model", model, "--prompt", "hi", "--distributed", "tp", "--ranks", "3")
+def one_error(done: subprocess.CompletedProcess) -> str:
+    """The single line a failed command printed (not one per rank, no launcher notes, no traceback)."""
     assert done.returncode == 1, done.stderr
-    assert "tensor parallelism over 3 ranks needs the model's key-value heads (4)" in done.stderr
-    assert "Traceback" not in done.stderr
-    done = qwen_mlx("generate", "--model", model, "--prompt", "hi", "--hostfile", "hosts.json")
-    assert done.returncode == 1 and "--hostfile goes with --distributed" in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def test_cli_bad_input_is_one_line(checkpoint):
+    model = str(checkpoint("dist_dense"))  # 4 layers, 4 key-value heads
+    ask = ["generate", "--model", model, "--prompt", "hi", "--distributed"]
+    assert "--hostfile" in one_error(qwen_mlx(*ask, "tp"))
+    # What the launching process can see is checked before any rank starts.
+    line = one_error(qwen_mlx(*ask, "tp", "--ranks", "3"))
+    assert "tensor parallelism over 3 ranks needs the model's key-value heads (4) to divide by 3" in line
+    assert "too few for 5 pipeline stages" in one_error(qwen_mlx(*ask, "pp", "--ranks", "5"))
+    assert "add up to the model's 4 layers" in one_error(qwen_mlx(*ask, "pp", "--ranks", "2", "--layers", "3,2"))
+    assert "goes with --distributed pp" in one_error(qwen_mlx(*ask, "tp", "--ranks", "2", "--layers", "2,2"))
+    assert "no model folder at" in one_error(qwen_mlx(*ask[:2], "/nope/model", *ask[3:], "pp", "--ranks", "2"))
+    assert "--hostfile goes with --distributed" in one_error(qwen_mlx(*ask[:-1], "--hostfile", "hosts.json"))
+
+
+def test_what_every_rank_finds_is_said_once(tmp_path):
+    """On several Macs the model need only be on the hosts that run it, so the ranks find a missing
+    one themselves (here two loopback "hosts"): the launcher says it once."""
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
+    done = qwen_mlx("generate", "--model", str(tmp_path / "absent"), "--prompt", "hi",
+                    "--distributed", "pp", "--hostfile", str(hosts))  # fmt: skip
+    assert one_error(done).startswith("qwen-mlx: error: no model folder at ")
+
+
+def test_relay_of_the_ranks_stderr():
+    """A unit test of the line filter alone, on lines as `mlx.launch` relays them (no ranks run)."""
+    from qwen_mlx.distributed import Relay
+
+    lines = [
+        "qwen-mlx: error (rank 2): the model has 2 layers, too few for 4 pipeline stages; use fewer ranks\n",
+        "qwen-mlx: error: the model has 2 layers, too few for 4 pipeline stages; use fewer ranks\n",
+        "qwen-mlx: error (rank 1): the model has 2 layers, too few for 4 pipeline stages; use fewer ranks\n",
+        "qwen-mlx: error (rank 3): no model folder at /m\n",
+        "qwen-mlx: rank 2: stopped: another rank of the distributed run ended\n",
+        "\x1b[33m[WARN] Node with rank 1 exited with code 1 \x1b[0m\n",
+        "\x1b[33m[WARN] Node with rank 0 exited with code -15 \x1b[0m\n",
+        "\x1b[33m[WARN] Node with rank 2 exited with code -9 \x1b[0m\n",
+        "\x1b[33m[WARN] Node with rank 3 was killed \x1b[0m\n",
+        "INFO:     Uvicorn running\n",
+    ]
+    relay = Relay()
+    assert relay.lines(lines) == [
+        "qwen-mlx: error: the model has 2 layers, too few for 4 pipeline stages; use fewer ranks\n",
+        "qwen-mlx: rank 2 was ended by SIGKILL\n",
+        "INFO:     Uvicorn running\n",
+        "qwen-mlx: error (rank 3): no model folder at /m\n",
+        "qwen-mlx: rank 2: stopped: another rank of the distributed run ended\n",
+    ]
+    assert relay.leader_exit == -15
+
+
+def test_rank_0s_status_on_this_mac_or_another(tmp_path, capsys):
+    """Rank 0 on this Mac leaves a file; on another, `mlx.launch` reports only its failures."""
+    from qwen_mlx.distributed import leader_status
+
+    status_file = tmp_path / "status"
+    assert leader_status(str(status_file), None, 0) == 0  # rank 0 elsewhere ended well
+    assert leader_status(str(status_file), 1, 0) == 1
+    assert leader_status(str(status_file), -9, 0) == 1
+    assert capsys.readouterr().err == ""
+    assert leader_status(str(status_file), None, -15) == 1  # the launcher itself was stopped
+    assert "ended before rank 0 finished" in capsys.readouterr().err
+    status_file.write_text("0")
+    assert leader_status(str(status_file), -15, -15) == 0  # rank 0 here finished before the others were stopped
 
 
 # -- the one command --------------------------------------------------------------------------------------------
@@ -290,6 +352,7 @@ def test_a_killed_rank_ends_the_run_with_a_message(demo_model_path):
         text = "".join(lines)
     assert process.returncode == 1
     assert "qwen-mlx: rank 0: stopped: another rank of the distributed run ended" in text, text
+    assert "qwen-mlx: rank 1 was ended by SIGKILL" in text, text
 
 
 def test_a_silent_rank_ends_the_run_after_the_peer_timeout(demo_model_path):
