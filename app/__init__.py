@@ -32,7 +32,11 @@ def run(args: argparse.Namespace, cleanup: Callable[[], None] | None = None) -> 
         stored = conversation.model
         endpoint, model = (stored, None) if stored.startswith(("http://", "https://")) else (None, stored or None)
     source = Source(
-        model=model or (None if endpoint else "demo"), quantize=args.quantize, endpoint=endpoint, api_key=args.api_key
+        model=model or (None if endpoint else "demo"),
+        quantize=args.quantize,
+        endpoint=endpoint,
+        api_key=args.api_key,
+        private=bool(getattr(args, "distributed", None)),  # the ranks' endpoint: --resume reopens the model
     )
     if conversation is None:
         conversation = Conversation(

@@ -51,9 +51,12 @@ class Source:
     quantize: int | None = None
     endpoint: str | None = None
     api_key: str | None = None
+    private: bool = False  # the endpoint is `chat --distributed`'s own, gone with the app: save the model
 
     @property
     def label(self) -> str:
+        if self.private and self.model:
+            return self.model
         return self.endpoint or self.model or "demo"
 
 

@@ -261,11 +261,26 @@ def chat(args: argparse.Namespace) -> int:
 
         if args.endpoint:
             raise QwenMLXError("--distributed runs the model here: leave out --endpoint")
+        if not args.model:  # the model a resumed chat was held with, else the demo, as without --distributed
+            stored = _resumed_model(args.resume) if args.resume else None
+            args.model = stored or "demo"
         with contextlib.ExitStack() as ranks:
             args.endpoint, args.api_key = ranks.enter_context(serve_in_background(args))
             args.quantize = None  # the ranks quantize; the app only talks to them
             return run(args, cleanup=ranks.close)
     return run(args)
+
+
+def _resumed_model(name: str) -> str | None:
+    """The model a saved chat was held with (None for one held with an endpoint)."""
+    from .app.store import Store
+
+    store = Store()
+    try:
+        stored = store.load(name).model
+    finally:
+        store.close()
+    return None if stored.startswith(("http://", "https://")) else stored or None
 
 
 def add_distributed_options(parser: argparse.ArgumentParser) -> None:

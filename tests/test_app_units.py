@@ -104,6 +104,8 @@ def test_prompt_leaves_reasoning_out():
         (["--resume", "nope"], "no saved chat named 'nope'"),
         (["--endpoint", "http://127.0.0.1:9/v1", "--quantize", "4"], "--quantize applies to a local model"),
         (["--budget", "-1"], "--budget -1 is invalid"),
+        (["--distributed", "pp", "--ranks", "2", "--resume", "nope"], "no saved chat named 'nope'"),
+        (["--distributed", "pp", "--ranks", "2", "--endpoint", "http://127.0.0.1:9/v1"], "leave out --endpoint"),
     ],
 )
 def test_chat_command_bad_arguments(args, message, tmp_path):
@@ -133,3 +135,22 @@ def test_streaming_fence_draws_the_same_text_as_a_whole_highlight():
                 == MarkdownFence.highlight(code[:end], "python").plain
             )
     assert StreamingFence.highlight("x = 1", "python").plain == "x = 1"  # a new fence starts afresh
+
+
+def test_a_distributed_chat_is_saved_with_its_model(tmp_path, monkeypatch):
+    """`chat --distributed` talks to its ranks' private endpoint, which is gone with the app: what --resume
+    reopens is the model (with --distributed again, or on one Mac), never that URL."""
+    from qwen_mlx.app.app import Source
+    from qwen_mlx.app.store import Store
+    from qwen_mlx.cli import _resumed_model
+
+    private = Source(model="~/models/qwen3-235b", endpoint="http://127.0.0.1:50123/v1", api_key="k", private=True)
+    assert private.label == "~/models/qwen3-235b"
+    assert Source(endpoint="http://127.0.0.1:1234/v1").label == "http://127.0.0.1:1234/v1"
+    monkeypatch.setenv("QWEN_MLX_DATA", str(tmp_path))
+    store = Store()
+    store.save(Conversation(model=private.label, name="big"))
+    store.save(Conversation(model="http://127.0.0.1:1234/v1", name="lm-studio"))
+    store.close()
+    assert _resumed_model("big") == "~/models/qwen3-235b"
+    assert _resumed_model("lm-studio") is None  # chat --distributed --resume lm-studio: the demo, not a URL
