@@ -388,12 +388,12 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [_model_card(settings.model_id)]}
+        return {"object": "list", "data": [_model_card(settings.model_id, scheduler.context_length)]}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> dict:
         check_model(model)
-        return _model_card(settings.model_id)
+        return _model_card(settings.model_id, scheduler.context_length)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -455,8 +455,11 @@ def _version() -> str:
     return __version__
 
 
-def _model_card(model_id: str) -> dict:
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": "qwen-mlx"}
+def _model_card(model_id: str, context_length: int) -> dict:
+    # `context_length` is not in OpenAI's card; clients (our chat app among them) read it as vLLM's and
+    # OpenRouter's cards give it, to show how full the context is.
+    card = {"id": model_id, "object": "model", "created": 0, "owned_by": "qwen-mlx"}
+    return card | {"context_length": context_length}
 
 
 def _is_ids(prompt) -> bool:

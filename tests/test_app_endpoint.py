@@ -160,7 +160,8 @@ def demo(demo_server: str) -> EndpointBackend:
 def test_connect_picks_the_served_model(demo, demo_server):
     assert demo.model == "demo"
     assert demo.label == f"demo @ {demo_server.removeprefix('http://')}"
-    assert (demo.context_limit, demo.notices, demo.memory(), demo.end_thinking()) == (None, [], None, False)
+    # Our own server's card gives the context length (the status bar shows "ctx used/40960").
+    assert (demo.context_limit, demo.notices, demo.memory(), demo.end_thinking()) == (40960, [], None, False)
     assert EndpointBackend.connect(f"{demo_server}/v1/", model="demo").model == "demo"
 
 

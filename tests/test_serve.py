@@ -45,7 +45,9 @@ def joined(stream) -> tuple[str, str, list]:
 
 
 def test_models_lists_the_served_model(client: OpenAI):
-    assert [m.id for m in client.models.list().data] == ["demo"]
+    (card,) = client.models.list().data
+    assert card.id == "demo" and card.owned_by == "qwen-mlx"
+    assert card.context_length == 40960  # the demo model's max_position_embeddings; the chat app shows it
 
 
 def test_chat_splits_thinking_into_reasoning_content_as_the_engine_does(client: OpenAI, engine: ChatSession):
