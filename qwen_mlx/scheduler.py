@@ -130,6 +130,17 @@ class _Live:
         return self.parser.stopped if self.ticket.turn.chat else self.stops.stopped
 
 
+def _after_prompt(processor, prompt_ids: list[int]):
+    """`processor` as mlx-lm's batch generator calls it, with the prompt before the generated tokens
+    (`Generation` passes the generated ones only): the guide counts from the prompt's end."""
+    prompt = mx.array(prompt_ids, mx.int32)
+
+    def call(history: mx.array, logits: mx.array) -> mx.array:
+        return processor(mx.concatenate([prompt, history.astype(mx.int32)]), logits)
+
+    return call
+
+
 class Scheduler:
     """Owns the model on one MLX thread; `submit` from the event loop, read the ticket there."""
 
@@ -331,7 +342,7 @@ class Scheduler:
                 ids[keep:],
                 cache,
                 sampler=turn.sampler,
-                logits_processors=turn.processors,
+                logits_processors=[_after_prompt(p, ids) for p in turn.processors],
                 max_tokens=turn.max_tokens,
                 end_ids=end_ids,
                 prefill_step_size=self.prefill_step_size,

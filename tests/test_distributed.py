@@ -253,6 +253,29 @@ def test_generate_command_matches_one_process(demo_model_path, mode):
     assert "5" in together.stdout
 
 
+def guided_requests(client) -> list[tuple]:
+    """Requests whose logits processors read the token history: a JSON schema, a forced tool call, penalties."""
+    ask = {"model": "demo", "messages": [{"role": "user", "content": "What is 2 + 3?"}], "temperature": 0}
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    add = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    replies = [
+        client.chat.completions.create(
+            **ask,
+            max_tokens=48,
+            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+        ),  # fmt: skip
+        client.chat.completions.create(
+            **ask,
+            max_tokens=24,
+            tools=[{"type": "function", "function": {"name": "add", "parameters": add}}],
+            tool_choice="required",
+            extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+        ),  # fmt: skip
+        client.chat.completions.create(**ask, max_tokens=40, frequency_penalty=1.5, presence_penalty=0.5),
+    ]
+    return [(r.choices[0].message.content, r.choices[0].finish_reason) for r in replies]
+
+
 def test_serve_command_with_the_openai_sdk(demo_model_path):
     from openai import OpenAI
 
@@ -272,10 +295,14 @@ def test_serve_command_with_the_openai_sdk(demo_model_path):
             temperature=0,
             max_tokens=64,
         )  # fmt: skip
+        guided = guided_requests(client)
     with running_server(demo_model_path, "--model-name", "demo") as url:
         client = OpenAI(base_url=f"{url}/v1", api_key="none")
         alone = client.chat.completions.create(model="demo", messages=messages, temperature=0, max_tokens=64)
+        guided_alone = guided_requests(client)
     assert first.choices[0].message.content == alone.choices[0].message.content
+    assert guided == guided_alone  # the guide and the penalties see the same tokens as in one process
+    assert guided[0][0].startswith('{"answer":') and guided[1][0].startswith("<tool_call>")
     assert "5" in first.choices[0].message.content
     assert streamed == first.choices[0].message.content
     assert again.choices[0].message.content and again.usage.prompt_tokens_details.cached_tokens > 0
