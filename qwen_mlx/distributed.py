@@ -15,8 +15,8 @@ Design decisions:
 - In both modes the embedding and the head are vocabulary-parallel (each rank holds 1/N of the 151,936
   rows; lookups are all-reduced, logits all-gathered), so every rank holds about 1/N of the weights.
 - Each rank reads only what it owns: pipeline stages skip the safetensors shards (per the index) and the
-  tensors of other stages; tensor-parallel slices are copied out (`mx.array`), never kept as views, which
-  would hold the whole tensor they were cut from.
+  tensors of other stages, and download only their own shards from the Hub; tensor-parallel slices are
+  copied out (`mx.array`), never kept as views, which would hold the whole tensor they were cut from.
 - Rank 0 leads and the others follow (`follow`): rank 0 runs the command (the CLI's generation, the
   endpoint) and every `Generation` it starts is mirrored: its start is shared as JSON (never pickle), the
   sampled token is broadcast from rank 0 inside the step's graph (so sampling cannot diverge), and one
@@ -342,7 +342,9 @@ def load_part(
 
     if quantize is not None:
         check_bits(quantize, group_size)
-    path = loader.resolve_model_path(path_or_repo, revision)
+    # A pipeline stage downloads a Hub repo's config and index first, then only its own layers' shards.
+    by_stage = mode == "pp" and loader.is_hub_repo(path_or_repo)
+    path = loader.resolve_model_path(path_or_repo, revision, weights=not by_stage)
     config = loader.read_config(path)
     args = ModelArgs.from_dict(config, source=str(path / "config.json"))
     saved = config.get("quantization")
@@ -354,6 +356,8 @@ def load_part(
     model = Model(args)
     if plan_.mode == "pp":
         keep, rename = stage_names(plan_)
+        if by_stage:
+            loader.fetch_shards(str(path_or_repo), revision, path, keep)
         restrict_to_stage(model, plan_)
         if saved:
             saved = {rename(k) if keep(k) else None: v for k, v in saved.items()}

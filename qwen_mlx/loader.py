@@ -30,9 +30,11 @@ from .model import Model
 from .quant import apply_saved_quantization, check_bits, quantize_model
 
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "merges.txt", "vocab.json", "tokenizer.model"]
+HUB_METADATA = [pattern for pattern in HUB_FILES if pattern != "*.safetensors"]  # a pipeline stage's first fetch
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MAX_HEADER_BYTES = 100 << 20
+INDEX_FILE = "model.safetensors.index.json"
 
 SAFETENSORS_ITEMSIZE = {
     "BOOL": 1,
@@ -54,10 +56,22 @@ SAFETENSORS_ITEMSIZE = {
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-def resolve_model_path(path_or_repo: str | Path, revision: str | None = None) -> Path:
+def is_hub_repo(path_or_repo: str | Path) -> bool:
+    """True when `path_or_repo` names a Hub repo (to download) rather than a folder here or the demo."""
+    text = str(path_or_repo)
+    return (
+        text != "demo"
+        and not Path(text).expanduser().exists()
+        and bool(REPO_ID.match(text))
+        and not text.startswith((".", "~"))
+    )
+
+
+def resolve_model_path(path_or_repo: str | Path, revision: str | None = None, *, weights: bool = True) -> Path:
     """A local folder as it is; a Hub repo id downloaded (or found in the cache) with huggingface_hub.
 
     `demo` (when no folder of that name is here) is the offline demo model, built into the cache on first use.
+    `weights=False` fetches a repo's config, index and tokenizer only (`fetch_shards` brings the weights).
     """
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
@@ -71,10 +85,18 @@ def resolve_model_path(path_or_repo: str | Path, revision: str | None = None) ->
     text = str(path_or_repo)
     if not REPO_ID.match(text) or text.startswith((".", "~")):
         raise QwenMLXError(f"no model folder at {path}, and {text!r} is not a Hugging Face repo id (owner/name)")
-    return _download(text, revision)
+    return _download(text, revision, HUB_FILES if weights else HUB_METADATA)
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def fetch_shards(repo_id: str, revision: str | None, path: Path, keep: Callable[[str], bool]) -> None:
+    """Download only the safetensors shards that hold a tensor `keep` accepts, as the index in `path` (the
+    repo's snapshot) maps them: a pipeline stage fetches its own layers' shards, not the whole model."""
+    weight_map = _shard_index(path)
+    names = sorted({file for name, file in weight_map.items() if keep(name)}) if weight_map else ["*.safetensors"]
+    _download(repo_id, revision, names)
+
+
+def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -85,7 +107,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
     )
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except GatedRepoError:
         raise QwenMLXError(f"{repo_id} is gated: accept its terms on the Hub and log in with `hf auth login`") from None
     except RepositoryNotFoundError:
@@ -121,17 +143,28 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def _shard_index(path: Path) -> dict[str, str] | None:
+    """The index's {tensor: shard file}, or None for a model without one (a single safetensors file)."""
+    index_file = path / INDEX_FILE
+    if not index_file.is_file():
+        return None
+    try:
+        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise QwenMLXError(f"{index_file} is not a valid shard index (expected a 'weight_map' object)")
+    return weight_map
+
+
 def weight_files(path: Path, keep: Callable[[str], bool] | None = None) -> list[Path]:
     """The safetensors files holding the weights, checked against the shard index when there is one.
 
     With `keep`, only the shards the index says hold a tensor it accepts (the others need not be there).
     """
-    index_file = path / "model.safetensors.index.json"
-    if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            raise QwenMLXError(f"{index_file} is not a valid shard index (expected a 'weight_map' object)") from None
+    weight_map = _shard_index(path)
+    if weight_map is not None:
+        index_file = path / INDEX_FILE
         if keep is not None:
             weight_map = {name: file for name, file in weight_map.items() if keep(name)}
         files = [path / name for name in sorted(set(weight_map.values()))]

@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
-import mlx.core as mx
+if "--hub-cache" in sys.argv:  # a Hub cache of this rank's own (read when huggingface_hub is imported)
+    _base = sys.argv[sys.argv.index("--hub-cache") + 1]
+    os.environ["HF_HUB_CACHE"] = os.path.join(_base, f"rank{os.environ.get('MLX_RANK', '0')}")
 
-from qwen_mlx.engine import Generation, make_cache
-from qwen_mlx.memory import model_nbytes
-from qwen_mlx.sampling import Sampling
+import mlx.core as mx  # noqa: E402
+
+from qwen_mlx.engine import Generation, make_cache  # noqa: E402
+from qwen_mlx.memory import model_nbytes  # noqa: E402
+from qwen_mlx.sampling import Sampling  # noqa: E402
 
 # <|im_start|>user\nHello there, how are you today?<|im_end|>\n<|im_start|>assistant\n
 PROMPT = [151644, 872, 198, 9707, 1052, 11, 1246, 525, 498, 3351, 30, 151645, 198, 151644, 77091, 198]
@@ -52,6 +58,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("mode", choices=("tp", "pp", "single"))
     parser.add_argument("--layers")
+    parser.add_argument("--hub-cache", help="each rank downloads into DIR/rank<N> (the model is a repo id)")
     args = parser.parse_args()
     if args.mode == "single":
         from qwen_mlx.loader import load

@@ -200,6 +200,27 @@ def test_repo_id_loads_offline_from_the_hub_cache(checkpoint, tmp_path) -> None:
     assert json.loads(result.stdout)["path"].endswith(f"snapshots/{SNAPSHOT}")
 
 
+def test_repo_id_downloads_what_a_model_needs_and_no_pickles(checkpoint, tmp_path) -> None:
+    """The online path, against a stand-in for the Hub on loopback: weights, config and tokenizer come
+    down; pickled weights and other files the repo holds do not (a second load fetches nothing)."""
+    from hub_stand_in import serving
+
+    repo = tmp_path / "repo"
+    shutil.copytree(checkpoint("dense_tied"), repo)
+    (repo / "pytorch_model.bin").write_bytes(b"\x80\x04 pickle")
+    (repo / "README.md").write_text("# tiny")
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0"}
+    with serving(repo, "qwen-mlx-tests/online") as (endpoint, fetched):
+        result = run_cli("generate", "--model", "qwen-mlx-tests/online", "--prompt", "hi", "--max-tokens", "2",
+                         env=env | {"HF_ENDPOINT": endpoint})  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "model.safetensors" in fetched and "config.json" in fetched and "tokenizer.json" in fetched
+        assert "pytorch_model.bin" not in fetched and "README.md" not in fetched
+        before = len(fetched)
+        assert run_cli("info", "qwen-mlx-tests/online", env=env | {"HF_ENDPOINT": endpoint}).returncode == 0
+        assert len(fetched) == before
+
+
 def test_repo_id_missing_offline_is_one_clear_line(tmp_path) -> None:
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     result = run_cli("info", "qwen-mlx-tests/not-downloaded", env=env)

@@ -46,12 +46,13 @@ def models(checkpoint, tmp_path_factory) -> dict[str, Path]:
     return found
 
 
-def probe(model: Path, mode: str, ranks: int = 1, *options: str) -> dict[int, dict]:
+def probe(model: Path | str, mode: str, ranks: int = 1, *options: str, env: dict | None = None) -> dict[int, dict]:
     """Run the probe on `ranks` ranks (or one plain process for mode "single"); {rank: record}."""
     command = [sys.executable, str(PROBE), str(model), mode, *options]
     if mode != "single":
         command = [LAUNCH, "--backend", "ring", "--hosts", "127.0.0.1", "-n", str(ranks), "--", *command]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    environ = os.environ | (env or {})
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environ)
     records = {}
     for line in done.stdout.splitlines():
         if line.startswith("PROBE "):
@@ -109,6 +110,35 @@ def test_pipeline_layers_by_hand(models):
     records = probe(models["dense-float"], "pp", 2, "--layers", "3,1")
     assert records[0]["tokens"][:2] == reference["tokens"][:2]
     assert records[0]["weights"] > records[1]["weights"]
+
+
+def test_pipeline_stages_download_only_their_shards(checkpoint, tmp_path):
+    """A Hub repo on several Macs: each stage fetches the config and index, then only the shards holding its
+    layers (and the embedding and head, which every rank splits by vocabulary), never the whole model."""
+    from hub_stand_in import serving
+
+    from qwen_mlx.convert import convert
+
+    repo = tmp_path / "repo"  # one shard per layer, so that the stages' shards differ
+    convert(checkpoint("dist_dense"), repo, bits=4, evaluate=False, progress=False, max_shard_bytes=64 << 10,
+            log=lambda _: None)  # fmt: skip
+    weight_map = json.loads((repo / "model.safetensors.index.json").read_text())["weight_map"]
+    shards_of = {
+        stage: {f for name, f in weight_map.items() if not name.startswith("model.layers.") or
+                int(name.split(".")[2]) in layers}
+        for stage, layers in ((0, {0, 1}), (1, {2, 3}))
+    }  # fmt: skip
+    assert shards_of[0] != shards_of[1]
+    with serving(repo, "qwen-mlx-tests/dist-dense") as (endpoint, fetched):
+        records = probe("qwen-mlx-tests/dist-dense", "pp", 2, "--hub-cache", str(tmp_path / "hub"),
+                        env={"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0"})  # fmt: skip
+    for rank in (0, 1):
+        (snapshot,) = (tmp_path / "hub" / f"rank{rank}").glob("models--*/snapshots/*")
+        assert {f.name for f in snapshot.glob("*.safetensors")} == shards_of[rank]
+        assert (snapshot / "config.json").is_file() and (snapshot / "tokenizer.json").is_file()
+    # Each shard went over the wire once per stage that needs it, and no more.
+    assert sorted(name for name in fetched if name.endswith(".safetensors")) == sorted([*shards_of[0], *shards_of[1]])
+    assert records[0]["tokens"][:2] == single(repo)["tokens"][:2]
 
 
 # -- planning and bad input (no ranks needed) ---------------------------------------------------------------
