@@ -11,6 +11,15 @@ import sys
 from collections.abc import Callable
 
 
+def _split(args: argparse.Namespace) -> str | None:
+    """How `chat --distributed` splits the model, for the status bar: "pp over 2 ranks"."""
+    if not getattr(args, "distributed", None):
+        return None
+    from qwen_mlx.distributed import rank_count
+
+    return f"{args.distributed} over {rank_count(args.hostfile, args.ranks)} ranks"
+
+
 def run(args: argparse.Namespace, cleanup: Callable[[], None] | None = None) -> int:
     """Start the app from `qwen-mlx chat`'s arguments; bad arguments raise QwenMLXError before it draws.
 
@@ -36,7 +45,7 @@ def run(args: argparse.Namespace, cleanup: Callable[[], None] | None = None) -> 
         quantize=args.quantize,
         endpoint=endpoint,
         api_key=args.api_key,
-        private=bool(getattr(args, "distributed", None)),  # the ranks' endpoint: --resume reopens the model
+        distributed=_split(args),
     )
     if conversation is None:
         conversation = Conversation(

@@ -51,11 +51,13 @@ class Source:
     quantize: int | None = None
     endpoint: str | None = None
     api_key: str | None = None
-    private: bool = False  # the endpoint is `chat --distributed`'s own, gone with the app: save the model
+    # `chat --distributed`: how the model is split ("pp over 2 ranks"). The endpoint is then the ranks' own,
+    # gone with the app, so the model is what is shown and saved.
+    distributed: str | None = None
 
     @property
     def label(self) -> str:
-        if self.private and self.model:
+        if self.distributed and self.model:
             return self.model
         return self.endpoint or self.model or "demo"
 
@@ -178,7 +180,8 @@ class ChatApp(App):
     @on(EngineThread.Loaded)
     async def _loaded(self, message: EngineThread.Loaded) -> None:
         backend: Backend = message.backend
-        self.status = replace(self.status, model=backend.label, context_limit=backend.context_limit, state="")
+        shown = f"{self.source.model} · {self.source.distributed}" if self.source.distributed else backend.label
+        self.status = replace(self.status, model=shown, context_limit=backend.context_limit, state="")
         self.status.memory = self._memory(backend)
         self.conversation.model = self.source.label  # a model name or an endpoint URL: what --resume reopens
         for notice in backend.notices:

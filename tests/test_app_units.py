@@ -144,7 +144,8 @@ def test_a_distributed_chat_is_saved_with_its_model(tmp_path, monkeypatch):
     from qwen_mlx.app.store import Store
     from qwen_mlx.cli import _resumed_model
 
-    private = Source(model="~/models/qwen3-235b", endpoint="http://127.0.0.1:50123/v1", api_key="k", private=True)
+    private = Source(model="~/models/qwen3-235b", endpoint="http://127.0.0.1:50123/v1", api_key="k",
+                     distributed="pp over 2 ranks")  # fmt: skip
     assert private.label == "~/models/qwen3-235b"
     assert Source(endpoint="http://127.0.0.1:1234/v1").label == "http://127.0.0.1:1234/v1"
     monkeypatch.setenv("QWEN_MLX_DATA", str(tmp_path))
