@@ -379,9 +379,9 @@ def load_part(
         shard_tensor_parallel(model, plan_.group)
     shard_vocabulary(model, plan_.group)
     model.config, model.path = config, path
+    check_fits(model)  # this rank's part against this Mac's memory (and its wired limit), before it is read
     loader.evaluate(model)
     mx.clear_cache()
-    check_fits(model)  # this rank's part against this Mac's memory (and its wired limit on Metal)
     model.link = Link(plan_.group)
     return model
 

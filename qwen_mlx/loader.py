@@ -311,9 +311,9 @@ def load(
         config = dict(config, quantization=quantize_model(model, quantize, group_size))
         config["quantization_config"] = config["quantization"]
     model.config, model.path = config, path
+    check_fits(model)  # from the shapes, before the weights are read: warn before a model that cannot fit swaps
     if not lazy:
         evaluate(model)
-    check_fits(model)
     return model
 
 

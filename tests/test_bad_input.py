@@ -236,3 +236,25 @@ def test_repo_id_with_no_network_is_one_clear_line(tmp_path) -> None:
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "qwen-mlx-tests/unreachable" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_model_too_big_for_the_mac_is_warned_about_before_it_is_read(tiny, monkeypatch) -> None:
+    """Metal's working set stood in for (this machine has none): the warning comes from the shapes, before
+    any weight is read, and the wired limit is set to the working set."""
+    from qwen_mlx import memory
+
+    wired, active_when_warned = [], []
+    limit = 1 << 20  # far below the tiny model's weights
+    monkeypatch.setattr(memory, "metal_working_set", lambda: limit)
+    monkeypatch.setattr(memory.mx, "set_wired_limit", wired.append)
+    warn = memory.warnings.warn
+    monkeypatch.setattr(memory.warnings, "warn", lambda *a, **k: (active_when_warned.append(mx.get_active_memory()),
+                                                                  warn(*a, **k)))  # fmt: skip
+    mx.clear_cache()
+    with pytest.warns(memory.MemoryWarning, match=r"it will swap and be very slow; use a 4-bit or smaller model"):
+        model = qwen_mlx.load(tiny)
+    assert wired == [limit]
+    assert active_when_warned[0] < memory.model_nbytes(model) / 10  # nothing of the weights read yet
+    monkeypatch.setattr(memory, "metal_working_set", lambda: int(memory.model_nbytes(model) / 0.95))
+    with pytest.warns(memory.MemoryWarning, match="little is left for the context"):
+        qwen_mlx.load(tiny)
