@@ -187,6 +187,11 @@ def weight_files(path: Path, keep: Callable[[str], bool] | None = None) -> list[
 
 def check_safetensors(file: Path) -> dict[str, tuple[str, list[int]]]:
     """Validate a safetensors file's header against its size; return {tensor: (dtype, shape)}."""
+    return {name: (dtype, shape) for name, (dtype, shape, _) in safetensors_layout(file).items()}
+
+
+def safetensors_layout(file: Path) -> dict[str, tuple[str, list[int], int]]:
+    """{tensor: (dtype, shape, byte offset of its data in the file)}, the header validated against the size."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         prefix = f.read(8)
@@ -209,7 +214,7 @@ def check_safetensors(file: Path) -> dict[str, tuple[str, list[int]]]:
             raise QwenMLXError(f"{file}: tensor {name} has a malformed header entry") from None
         if stop - start != expected or start < 0:
             raise QwenMLXError(f"{file}: tensor {name} has {stop - start} bytes for shape {shape} {dtype}")
-        tensors[name] = (dtype, shape)
+        tensors[name] = (dtype, shape, 8 + header_len + start)
         end = max(end, stop)
     if 8 + header_len + end > size:
         raise QwenMLXError(

@@ -4,7 +4,8 @@ Every rank loads its part, then rank 0 plays a fixed scenario through `Generatio
 1. greedy, with tokens forced in after the third (the thinking budget's `inject`);
 2. the same cache continued with a new message, the consumer walking away after four tokens;
 3. sampled at temperature 1 from an RNG seeded differently on every rank (only rank 0's draw may count).
-Each rank prints one `PROBE {json}` line: the tokens it fed, and its weight bytes and resident memory.
+Each rank prints one `PROBE {json}` line: the tokens it fed, its weight bytes, and its resident and peak
+memory after loading.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def main() -> None:
         model = load_part(args.model, args.mode, layers=args.layers)
         rank = model.link.rank
     mx.clear_cache()
-    record = {"rank": rank, "weights": model_nbytes(model), "active": mx.get_active_memory()}
+    record = {"rank": rank, "weights": model_nbytes(model), "active": mx.get_active_memory(),
+              "peak": mx.get_peak_memory()}  # fmt: skip
     mx.random.seed(1234 + rank)  # a different RNG on every rank: agreement must come from rank 0's broadcast
     if rank == 0:
         record["tokens"] = scenario(model)

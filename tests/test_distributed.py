@@ -101,6 +101,8 @@ def test_ranks_match_one_process(models, kind: str, mode: str, ranks: int):
         share = reference["weights"] / ranks
         assert abs(record["weights"] - share) <= MEMORY_TOLERANCE * share, (rank, record["weights"], share)
         assert record["active"] <= (1 + MEMORY_TOLERANCE) * share, (rank, record["active"], share)
+        # ... and no more while loading: each rank reads its slices of the tensors, never a whole one.
+        assert record["peak"] <= (1 + MEMORY_TOLERANCE) * share, (rank, record["peak"], share)
     assert records[0]["tokens"][2] != greedy[:8], "temperature 1 should not reproduce the greedy tokens"
 
 
