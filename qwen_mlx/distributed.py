@@ -403,7 +403,7 @@ def read_owned(model, path: Path, plan: Plan, keep=None) -> None:
         else:
             array = None
         if array is not None and array.shape == param.shape:
-            owned.append((name, array.astype(param.dtype)))
+            owned.append((name, array if array.dtype == param.dtype else array.astype(param.dtype)))
     model.load_weights(owned, strict=False)
 
 
