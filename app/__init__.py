@@ -11,6 +11,13 @@ import sys
 from collections.abc import Callable
 
 
+def held_with(stored: str) -> tuple[str | None, str | None]:
+    """(endpoint, model) from what a saved chat records it was held with: an endpoint URL or a model."""
+    if stored.startswith(("http://", "https://")):
+        return stored, None
+    return None, stored or None
+
+
 def _split(args: argparse.Namespace) -> str | None:
     """How `chat --distributed` splits the model, for the status bar: "pp over 2 ranks"."""
     if not getattr(args, "distributed", None):
@@ -38,8 +45,7 @@ def run(args: argparse.Namespace, cleanup: Callable[[], None] | None = None) -> 
     conversation = store.load(args.resume) if args.resume else None
     model, endpoint = args.model, args.endpoint
     if conversation and not (model or endpoint):  # resume with what the chat was held with
-        stored = conversation.model
-        endpoint, model = (stored, None) if stored.startswith(("http://", "https://")) else (None, stored or None)
+        endpoint, model = held_with(conversation.model)
     source = Source(
         model=model or (None if endpoint else "demo"),
         quantize=args.quantize,

@@ -273,14 +273,14 @@ def chat(args: argparse.Namespace) -> int:
 
 def _resumed_model(name: str) -> str | None:
     """The model a saved chat was held with (None for one held with an endpoint)."""
+    from .app import held_with
     from .app.store import Store
 
     store = Store()
     try:
-        stored = store.load(name).model
+        return held_with(store.load(name).model)[1]
     finally:
         store.close()
-    return None if stored.startswith(("http://", "https://")) else stored or None
 
 
 def add_distributed_options(parser: argparse.ArgumentParser) -> None:

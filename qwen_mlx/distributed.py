@@ -185,6 +185,12 @@ def free_memory() -> float:
         return 0.0
 
 
+def _quantization_group(config: dict, quantize: int | None, group_size: int = 64) -> int | None:
+    """The quantization group a tensor-parallel cut must respect: the checkpoint's, or the one it is
+    quantized to on load; None for float weights."""
+    return (config.get("quantization") or {}).get("group_size") or (group_size if quantize else None)
+
+
 def plan(mode: str, args, layers: str | None = None, group_size: int | None = None) -> Plan:
     group = join(mode)
     n = group.size()
@@ -430,12 +436,9 @@ def load_part(
     path = loader.resolve_model_path(path_or_repo, revision, weights=not by_stage)
     config = loader.read_config(path)
     args = ModelArgs.from_dict(config, source=str(path / "config.json"))
+    loader.refuse_requantizing(config, quantize, path)
     saved = config.get("quantization")
-    if saved and quantize is not None:
-        raise QwenMLXError(
-            f"{path} is already quantized; load it as it is, or re-quantize it with `python -m qwen_mlx.convert`"
-        )
-    plan_ = plan(mode, args, layers, (saved or {}).get("group_size") or (group_size if quantize else None))
+    plan_ = plan(mode, args, layers, _quantization_group(config, quantize, group_size))
     model = Model(args)
     keep = None
     if plan_.mode == "pp":
@@ -609,11 +612,9 @@ def _config_here(model: str, revision: str | None, required: bool) -> dict | Non
     exist on the hosts that run the ranks, only what this host already has is read, or None."""
     from . import loader
 
-    path = Path(model).expanduser()
-    is_repo = bool(loader.REPO_ID.match(model)) and not path.exists()
-    if path.is_dir() or model == "demo" or required:
+    if Path(model).expanduser().is_dir() or model == "demo" or required:
         return loader.read_config(loader.resolve_model_path(model, revision))
-    if not is_repo:
+    if not loader.is_hub_repo(model):
         return None
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -628,6 +629,7 @@ def preflight(model: str, mode: str, *, hostfile: str | None, ranks: int | None,
               quantize: int | None = None, revision: str | None = None) -> None:  # fmt: skip
     """Check before launching what every rank would otherwise find out (and say) N times: the hosts, the
     mode, and whether the model splits that many ways. `demo` is built here once, not once per rank."""
+    from . import loader
     from .config import ModelArgs
 
     if mode not in MODES:
@@ -639,13 +641,9 @@ def preflight(model: str, mode: str, *, hostfile: str | None, ranks: int | None,
     if config is None:
         return
     args = ModelArgs.from_dict(config, source=f"{model}/config.json")
-    saved = config.get("quantization")
-    if saved and quantize is not None:
-        raise QwenMLXError(
-            f"{model} is already quantized; load it as it is, or re-quantize it with `python -m qwen_mlx.convert`"
-        )
+    loader.refuse_requantizing(config, quantize, model)
     if mode == "tp":
-        check_tensor_parallel(args, n, (saved or {}).get("group_size") or (64 if quantize else None))
+        check_tensor_parallel(args, n, _quantization_group(config, quantize))
     else:
         split_layers(args.num_hidden_layers, n, layers, [1.0] * n)
 
@@ -653,13 +651,12 @@ def preflight(model: str, mode: str, *, hostfile: str | None, ranks: int | None,
 def launch_command(argv: list[str], *, hostfile: str | None, ranks: int | None, status_file: str) -> list[str]:
     """The `mlx.launch` command that starts this same `qwen-mlx` command on every rank."""
     launcher = shutil.which("mlx.launch") or str(Path(sys.executable).with_name("mlx.launch"))
-    rank_count(hostfile, ranks)
     if hostfile:
         backend = read_hostfile(hostfile)["backend"]
         where = ["--hostfile", str(Path(hostfile).expanduser())]
     else:
         backend = "ring"
-        where = ["--hosts", "127.0.0.1", "-n", str(ranks)]
+        where = ["--hosts", "127.0.0.1", "-n", str(rank_count(None, ranks))]
     joins = "jaccl" if backend.startswith("jaccl") else backend  # mlx.launch's jaccl-ring is jaccl inside
     env = [f"QWEN_MLX_STATUS_FILE={status_file}", f"QWEN_MLX_BACKEND={joins}"]
     for name in ("QWEN_MLX_PEER_TIMEOUT", "QWEN_MLX_CACHE", "HF_HUB_OFFLINE", "HF_HOME"):

@@ -143,6 +143,14 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def refuse_requantizing(config: dict[str, Any], quantize: int | None, where: str | Path) -> None:
+    """A checkpoint already quantized cannot be quantized again on load: one line saying what to do."""
+    if config.get("quantization") and quantize is not None:
+        raise QwenMLXError(
+            f"{where} is already quantized; load it as it is, or re-quantize it with `python -m qwen_mlx.convert`"
+        )
+
+
 def _shard_index(path: Path) -> dict[str, str] | None:
     """The index's {tensor: shard file}, or None for a model without one (a single safetensors file)."""
     index_file = path / INDEX_FILE
@@ -299,11 +307,8 @@ def load(
     model = Model(args)
 
     weights = model.sanitize(read_weights(path))
+    refuse_requantizing(config, quantize, path)
     if saved := config.get("quantization"):
-        if quantize is not None:
-            raise QwenMLXError(
-                f"{path} is already quantized; load it as it is, or re-quantize it with `python -m qwen_mlx.convert`"
-            )
         apply_saved_quantization(model, saved, weights, str(path / "config.json"))
     check_weights(model, weights, path)
     if dtype is not None:
