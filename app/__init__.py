@@ -22,7 +22,7 @@ def _split(args: argparse.Namespace) -> str | None:
     """How `chat --distributed` splits the model, for the status bar: "pp over 2 ranks"."""
     if not getattr(args, "distributed", None):
         return None
-    from qwen_mlx.distributed import rank_count
+    from qwen_mlx.distributed.launch import rank_count
 
     return f"{args.distributed} over {rank_count(args.hostfile, args.ranks)} ranks"
 

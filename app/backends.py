@@ -15,9 +15,10 @@ from typing import Protocol
 
 import mlx.core as mx
 
-from qwen_mlx.chat import ChatEvent, ChatSession
+from qwen_mlx.chat import ChatSession
 from qwen_mlx.memory import MemoryWarning
 from qwen_mlx.sampling import Sampling
+from qwen_mlx.turn import ChatEvent
 
 
 class Backend(Protocol):
@@ -52,7 +53,6 @@ class LocalBackend:
         self.label = label
         self.context_limit = session.context_length
         self.notices = notices or []
-        self._end_now = False
 
     @classmethod
     def load(
@@ -80,18 +80,11 @@ class LocalBackend:
     def stream(
         self, messages: list[dict], *, thinking: bool, budget: int | None, temperature: float | None
     ) -> Iterator[ChatEvent]:
-        self._end_now = False
         sampling = Sampling(temperature=temperature) if temperature is not None else None
-        return self.session.stream(
-            messages,
-            enable_thinking=thinking,
-            thinking_budget=budget,
-            sampling=sampling,
-            end_thinking=lambda: self._end_now,
-        )
+        return self.session.stream(messages, enable_thinking=thinking, thinking_budget=budget, sampling=sampling)
 
     def end_thinking(self) -> bool:
-        self._end_now = True
+        self.session.end_thinking()
         return True
 
     def memory(self) -> int | None:

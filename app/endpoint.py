@@ -27,9 +27,10 @@ from urllib.parse import urlsplit
 
 import openai
 
-from qwen_mlx.chat import ChatEvent, ChatStats, Done, normalize_messages, thinking_mode
 from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.format import normalize_messages, thinking_mode
 from qwen_mlx.parser import Answer, Reasoning
+from qwen_mlx.turn import ChatEvent, ChatStats, Done
 
 CONNECT_TIMEOUT_S = 5.0
 LIST_TIMEOUT_S = 15.0

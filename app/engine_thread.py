@@ -23,9 +23,9 @@ import mlx.core as mx
 from textual.app import App
 from textual.message import Message
 
-from qwen_mlx.chat import ChatStats, Done
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.parser import Answer, Reasoning, ToolCall, ToolCallError
+from qwen_mlx.turn import ChatStats, Done
 
 from .backends import Backend
 

@@ -58,20 +58,22 @@ def worker(args: argparse.Namespace) -> None:
         from qwen_mlx.engine import Generation
 
         if args.side == "qwen_mlx 1 process":
-            from qwen_mlx.loader import load
+            from qwen_mlx.loader import load_model
 
-            model, rank = load(args.model), 0
+            loaded, rank = load_model(args.model), 0
         else:
-            from qwen_mlx.distributed import follow, load_part
+            from qwen_mlx.distributed import load_part
+            from qwen_mlx.distributed.link import follow
 
-            model = load_part(args.model, args.side.split()[-1])
-            rank = model.link.rank
+            loaded = load_part(args.model, args.side.split()[-1])
+            rank = loaded.link.rank
             if rank != 0:
-                follow(model)
+                follow(loaded)
                 return
+        model, link = loaded.model, loaded.link
 
         def once(max_tokens: int) -> tuple[float, float]:
-            generation = Generation(model, prompt, max_tokens=max_tokens, end_ids=())
+            generation = Generation(model, prompt, max_tokens=max_tokens, end_ids=(), link=link)
             for _ in generation:
                 pass
             return generation.stats.prompt_tps, generation.stats.generation_tps
@@ -82,7 +84,7 @@ def worker(args: argparse.Namespace) -> None:
         prompt_tps, generation_tps = zip(*timings, strict=True)
         print("RESULT " + json.dumps({"prompt_tps": prompt_tps, "generation_tps": generation_tps}))
     if args.side.startswith("qwen_mlx ") and args.side != "qwen_mlx 1 process":
-        model.link.close()
+        link.close()
 
 
 # -- the whole comparison ---------------------------------------------------------------------------------------

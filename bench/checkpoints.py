@@ -181,8 +181,7 @@ def build_checkpoint(
         for name in TOKENIZER_FILES:
             shutil.copyfile(tokenizer_dir() / name, companions / name)
         (companions / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
-        model.config, model.path = {**config, "quantization": block}, companions
-        save(model, out, overwrite=True)
+        save(model, out, config={**config, "quantization": block}, source=companions, overwrite=True)
     del model
     mx.clear_cache()
     return out

@@ -23,8 +23,9 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
 
+from qwen_mlx.cache import make_cache
 from qwen_mlx.chat import ChatSession, Done
-from qwen_mlx.engine import Generation, make_cache
+from qwen_mlx.engine import Generation
 from qwen_mlx.sampling import Sampling
 
 OURS = "qwen_mlx"

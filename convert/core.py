@@ -30,9 +30,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 import qwen_mlx
+from qwen_mlx.checkpoint import DTYPES, cast_floats, check_weights, read_config, read_weights
 from qwen_mlx.config import ModelArgs
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.loader import DTYPES, cast_floats, check_weights, read_config, read_weights, resolve_model_path
+from qwen_mlx.loader import resolve_model_path
 from qwen_mlx.memory import metal_working_set
 from qwen_mlx.model import Model
 from qwen_mlx.quant import check_bits, check_saved_block, quantization_plan, saved_module_quantization

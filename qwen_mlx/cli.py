@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .errors import QwenMLXError
@@ -20,14 +21,15 @@ GIB = 1 << 30
 
 def info(args: argparse.Namespace) -> int:
     """Describe a model without reading its weights: architecture, size, quantization."""
-    from .loader import load
+    from .loader import load_model
     from .memory import model_nbytes
     from .quant import bits_per_weight, parameter_count
 
-    model = load(args.model, revision=args.revision, lazy=True)
+    loaded = load_model(args.model, revision=args.revision, lazy=True)
+    model = loaded.model
     a = model.args
     summary = {
-        "path": str(model.path),
+        "path": str(loaded.path),
         "model_type": a.model_type,
         "layers": a.num_hidden_layers,
         "hidden_size": a.hidden_size,
@@ -38,7 +40,7 @@ def info(args: argparse.Namespace) -> int:
         "parameters": parameter_count(model),
         "bits_per_weight": round(bits_per_weight(model), 3),
         "weights_gib": round(model_nbytes(model) / GIB, 3),
-        "quantization": model.config.get("quantization"),
+        "quantization": loaded.config.get("quantization"),
     }
     if a.num_experts:
         summary["experts"] = f"{a.num_experts_per_tok} of {a.num_experts}, expert width {a.moe_intermediate_size}"
@@ -67,14 +69,14 @@ DIM, RESET = "\033[2m", "\033[0m"
 
 
 def load_model(args: argparse.Namespace):
-    """The model for a command: the whole of it, or this rank's part on several Macs (--distributed)."""
+    """The model for a command (a `Loaded`): the whole of it, or this rank's part on several Macs."""
     if getattr(args, "distributed", None):
         from .distributed import load_part
 
         return load_part(
             args.model, args.distributed, layers=args.layers, quantize=args.quantize, revision=args.revision
         )
-    from .loader import load
+    from .loader import load_model as load
 
     return load(args.model, quantize=args.quantize, revision=args.revision)
 
@@ -84,24 +86,62 @@ def generate(args: argparse.Namespace) -> int:
     from .chat import ChatSession
     from .tokenizer import Tokenizer
 
-    model = load_model(args)
-    link = getattr(model, "link", None)
+    turn_options = read_turn_options(args)  # bad files or flags fail before the model loads
+    loaded = load_model(args)
+    link = loaded.link
     if link is not None and not link.leader:
         from .distributed import run_follower
 
-        return run_follower(model)
-    session = ChatSession(model, Tokenizer.load(model.path), kv_bits=args.kv_bits)
+        return run_follower(loaded)
+    session = ChatSession(
+        loaded.model,
+        Tokenizer.load(loaded.path),
+        kv_bits=args.kv_bits,
+        generation_config=loaded.generation_config,
+        link=link,
+    )
     try:
-        return stream_reply(args, session)
+        return stream_reply(args, session, turn_options)
     finally:
         if link is not None:
             link.close()
 
 
-def stream_reply(args: argparse.Namespace, session) -> int:
-    from .chat import Done
+def read_turn_options(args: argparse.Namespace) -> dict:
+    """`--tools FILE`, `--tool-choice`, `--json` and `--json-schema FILE` as `ChatSession.stream` options."""
+    from .files import read_json
+
+    options: dict = {}
+    tools = getattr(args, "tools", None)
+    if tools:
+        options["tools"] = read_json(Path(tools))
+        if not isinstance(options["tools"], list) or not all(isinstance(t, dict) for t in options["tools"]):
+            raise QwenMLXError(f"{tools} must hold a JSON list of OpenAI tool definitions")
+    choice = getattr(args, "tool_choice", None)
+    if choice is not None:
+        if not tools and choice != "none":
+            raise QwenMLXError("--tool-choice needs --tools FILE (the tools to choose from)")
+        options["tool_choice"] = choice
+    schema = getattr(args, "json_schema", None)
+    if schema:
+        schema_file = Path(schema)
+        if not schema_file.is_file():
+            raise QwenMLXError(f"no JSON schema file at {schema_file}")
+        body = read_json(schema_file)
+        options["response_format"] = {"type": "json_schema", "json_schema": {"name": schema_file.stem, "schema": body}}
+    elif getattr(args, "json", False):
+        options["response_format"] = {"type": "json_object"}
+    if "response_format" in options:  # a bad schema is one line now, not after the model has loaded
+        from .constrain import response_format_grammar
+
+        response_format_grammar(options["response_format"])
+    return options
+
+
+def stream_reply(args: argparse.Namespace, session, turn_options: dict | None = None) -> int:
     from .parser import Answer, Reasoning, ToolCall, ToolCallError
     from .sampling import Sampling
+    from .turn import Done
 
     sampling = Sampling(
         temperature=args.temperature,
@@ -128,6 +168,7 @@ def stream_reply(args: argparse.Namespace, session) -> int:
         sampling=sampling,
         stop=args.stop or (),
         on_prefill=show_prefill if sys.stderr.isatty() else None,
+        **(turn_options or {}),
     )
     try:
         for event in events:
@@ -193,7 +234,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from .scheduler import Scheduler
     from .server import REASONING_FIELDS, Settings, bind, create_app, is_loopback
-    from .tokenizer import Tokenizer, read_generation_config
+    from .tokenizer import Tokenizer
 
     api_key = args.api_key or os.environ.get("QWEN_MLX_API_KEY") or None
     if not is_loopback(args.host) and not api_key:
@@ -214,8 +255,8 @@ def serve(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)  # before the model loads: a port in use fails at once
 
     def load_with_tokenizer():
-        model = load_model(args)
-        return model, Tokenizer.load(model.path)
+        loaded = load_model(args)
+        return loaded, Tokenizer.load(loaded.path)
 
     scheduler = Scheduler(
         load_with_tokenizer,
@@ -225,7 +266,7 @@ def serve(args: argparse.Namespace) -> int:
     )
     print(f"qwen-mlx: loading {args.model}", file=sys.stderr, flush=True)
     scheduler.start()
-    path = scheduler.model.path
+    path = scheduler.loaded.path
     model_id = args.model_name or (
         args.model if not os.path.isdir(args.model) else os.path.basename(os.path.abspath(args.model))
     )
@@ -233,7 +274,6 @@ def serve(args: argparse.Namespace) -> int:
         model_id=model_id,
         aliases=(args.model, str(path), os.path.basename(str(path))),
         reasoning_field=args.reasoning_field,
-        generation_config=read_generation_config(path),
     )
     app = create_app(scheduler, settings, api_key=api_key, cors_origins=args.cors_origin or (),
                      max_body=args.max_body_mb << 20)  # fmt: skip
@@ -336,6 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", metavar="TEXT", help="stop the answer at TEXT (repeatable)")
+    gen.add_argument("--tools", metavar="FILE", help="a JSON list of OpenAI tool definitions the model may call")
+    gen.add_argument(
+        "--tool-choice",
+        metavar="auto|none|required|NAME",
+        help="after thinking: let the model choose (auto), no call (none), some call (required), or call NAME",
+    )
+    answer_format = gen.add_mutually_exclusive_group()
+    answer_format.add_argument("--json", action="store_true", help="answer with a JSON object (after thinking)")
+    answer_format.add_argument("--json-schema", metavar="FILE", help="answer with JSON that this schema accepts")
     gen.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the KV cache to 4 or 8 bits")
     gen.add_argument("--quantize", type=int, choices=(4, 8), help="quantize float weights on load")
     gen.add_argument("--revision", help="a branch, tag or commit of a Hub repo")

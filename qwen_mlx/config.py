@@ -123,6 +123,15 @@ class ModelArgs:
             raise QwenMLXError(f"{source}: intermediate_size is missing (layer {dense_layers[0]} has a dense MLP)")
 
     @property
+    def context_length(self) -> int:
+        """The longest sequence the model supports: `max_position_embeddings`, or YaRN's extended length."""
+        length = self.max_position_embeddings
+        scaling = self.rope_scaling or {}
+        if scaling.get("factor") and scaling.get("original_max_position_embeddings"):
+            length = max(length, int(scaling["factor"] * scaling["original_max_position_embeddings"]))
+        return length
+
+    @property
     def rope_type(self) -> str:
         if not self.rope_scaling:
             return "default"

@@ -26,6 +26,7 @@ Design decisions:
 from __future__ import annotations
 
 import copy
+import json
 import threading
 import weakref
 from typing import Any
@@ -86,6 +87,21 @@ def response_format_grammar(response_format: dict | None) -> str | None:
     if not isinstance(schema, dict):
         raise QwenMLXError(f"response_format.json_schema.schema must be a JSON object, not {type(schema).__name__}")
     return _compile(schema, "response_format.json_schema.schema")
+
+
+def tool_call_grammar(schema: dict) -> str:
+    """The grammar of a `<tool_call>` body: the call's JSON, then the newline before `</tool_call>`.
+
+    One grammar for both, because Qwen3's tokenizer ends a call with one token that spans the JSON's last
+    characters and that newline (`"}}\n`): a grammar of the JSON alone could never accept it, and a model
+    that wants it would pad with whitespace instead.
+    """
+    body = {**schema, "x-guidance": _JSON_OPTIONS}
+    grammar = 'start: call "\\n"\ncall: %json ' + json.dumps(body) + "\n"
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise QwenMLXError(f"the tools' parameters are not a usable JSON schema: {error}", param="tools")
+    return grammar
 
 
 def _ll_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> llguidance.LLTokenizer:

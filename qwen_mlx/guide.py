@@ -1,20 +1,29 @@
-"""Steers one Qwen3 turn from inside the decode step: thinking budget, `tool_choice`, `response_format`.
+"""Steers one Qwen3 turn from inside the decode step: thinking budget, "end thinking now", `tool_choice`,
+`response_format`.
 
 `TurnGuide` is an mlx-lm logits processor (`(tokens, logits) -> logits`), so it works the same in a
-single generation and in the endpoint's continuous batch, where nothing can be injected between steps:
-forcing a token means masking every other one. It reads the token ids it is given (the prompt, then one
-more token per step) and keeps its own state, so its decisions are exact to the token.
+single generation, in the endpoint's continuous batch and on several Macs, where nothing can be injected
+between steps: forcing a token means masking every other one. It is given the whole sequence so far (the
+prompt, then one more token per step: the engine's and mlx-lm's convention alike) and keeps its own state,
+so its decisions are exact to the token.
 
 Design decisions:
 - Phases follow Qwen3's format: a turn may open `<think>`, think, close `</think>`, then answer. Anything
   that constrains the answer (JSON, a forced tool call) starts after `</think>` and the blank line after it,
   so the model still thinks freely first; thinking itself is never constrained.
-- Thinking budget: after `budget` thought tokens the Qwen3 README's early-stop text (ending `</think>\\n\\n`)
-  is forced in, one token a step, and the model answers from what it thought so far.
+- Thinking budget, the one rule: once `budget` tokens follow `<think>` (the newline after the tag counts),
+  the Qwen3 README's early-stop text (ending `</think>\\n\\n`) is forced in, one token a step, and the model
+  answers from what it thought so far. Budget 0 forces it right after `<think>`.
+- "End thinking now" (`end_thinking()`, from any thread: the chat app's Ctrl+T) forces the same text at
+  the next step if the turn is thinking, or as soon as it starts to.
 - `tool_choice`: "none" bans `<tool_call>` in the answer; "required" or a named function forces
-  `<tool_call>\\n`, then the call's JSON is constrained to the tools' schemas (name and arguments), then
-  `\\n</tool_call>`. Without `parallel_tool_calls` the turn ends after the first call.
+  `<tool_call>\\n`, then the call's JSON and the newline after it are constrained to the tools' schemas
+  (name and arguments; one grammar, so the token that spans the JSON's end and the newline is allowed),
+  then `</tool_call>`. Without `parallel_tool_calls` the turn ends after the first call.
 - Penalties (repetition, presence, frequency) see the generated tokens only, as OpenAI's and vLLM's do.
+- Reading a token's value costs a wait on the device (the step that sampled it), which would stop the
+  engine's pipelining; so the guide reads the sequence only while a decision can depend on it, and
+  catches up on what it skipped when one can (a budget that could be reached, an end asked for).
 Written here because no library knows Qwen3's turn format; the JSON grammar itself is `constrain`'s.
 """
 
@@ -25,11 +34,13 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
-from .parser import SpecialIds
+from . import format as qwen3
+from .format import SpecialIds
 from .sampling import LogitsProcessor
 from .tokenizer import Tokenizer
 
 START, THINKING, CLOSING, ANSWER, TOOL_JSON, DONE = range(6)
+_PHASES = {qwen3.START: START, qwen3.THINKING: THINKING, qwen3.ANSWER: ANSWER}
 
 
 def tool_call_schema(tools: Sequence[dict], name: str | None = None) -> dict:
@@ -52,14 +63,14 @@ def tool_call_schema(tools: Sequence[dict], name: str | None = None) -> dict:
 
 
 def _grammar(response_format: dict):
-    """`constrain`'s grammar, imported only when a request asks for one (the grammar library is heavy)."""
+    """`constrain`'s grammar, imported only when a turn asks for one (the grammar library is heavy)."""
     from .constrain import response_format_grammar
 
     return response_format_grammar(response_format)
 
 
 class TurnGuide:
-    """A logits processor for one turn; make a new one per request."""
+    """A logits processor for one turn; make a new one per turn."""
 
     def __init__(
         self,
@@ -68,7 +79,6 @@ class TurnGuide:
         prompt_ids: Sequence[int],
         *,
         budget: int | None = None,
-        budget_ids: Sequence[int] = (),
         tool_choice: str | None = None,  # None/"auto", "none", "required", or a function name
         tools: Sequence[dict] = (),
         parallel_tool_calls: bool = True,
@@ -81,9 +91,8 @@ class TurnGuide:
         self.end_id = tokenizer.end_token_ids[0]
         self.prompt_len = len(prompt_ids)
         self.budget = budget
-        self.budget_ids = list(budget_ids)
+        self.budget_ids = tokenizer.encode(qwen3.THINKING_BUDGET_TEXT)
         self.penalties = list(penalties)
-        self.parallel_tool_calls = parallel_tool_calls
         self.ban_tools = tool_choice == "none"
         self.tool_grammar = None
         self.single_call = not parallel_tool_calls
@@ -91,48 +100,43 @@ class TurnGuide:
             named = None if tool_choice == "required" else tool_choice
             self.single_call = self.single_call or named is not None
             schema = tool_call_schema(tools, named)
-            self.tool_grammar = _grammar(
-                {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": schema}}
-            )
+            from .constrain import tool_call_grammar  # the grammar library is heavy: imported when needed
+
+            self.tool_grammar = tool_call_grammar(schema)
         self.json_grammar = _grammar(response_format) if response_format else None
         self.newline_ids = tokenizer.encode("\n")
         self.blank_ids = tokenizer.encode("\n\n")
-        self.phase = self._phase_of(prompt_ids)
+        self.phase = _PHASES[qwen3.prompt_phase(prompt_ids, self.special)]
         self.thought = 0
         self.budget_spent = False
+        self.end_requested = False
         self.queue: deque[int] = deque()
         self.constraint = None  # constrain.JsonConstraint while one is active
-        self.seen = 0
+        self.seen = self.prompt_len  # tokens of the sequence observed so far
         if self.phase == ANSWER:  # the template closed an empty think block: the answer starts now
             self._enter_answer()
         self._ids = None  # made on first use: MLX arrays belong to the thread (stream) that runs them
 
-    @property
-    def active(self) -> bool:
-        """Whether this guide can change anything (else the caller may leave it out)."""
-        return (
-            bool(self.budget is not None or self.tool_grammar or self.json_grammar or self.ban_tools or self.penalties)
-            or not self.parallel_tool_calls
-        )
-
-    def _phase_of(self, prompt_ids: Sequence[int]) -> int:
-        """Where the template left the turn: inside `<think>`, after a closed block, or before either."""
-        im_start = self.tokenizer.token_id("<|im_start|>")
-        for token in reversed(prompt_ids):
-            if token == self.special.think_start:
-                return THINKING
-            if token == self.special.think_end:
-                return ANSWER
-            if token == im_start:
-                break
-        return START
+    def end_thinking(self) -> None:
+        """Stop thinking now: the early-stop text goes in at the next step (callable from any thread)."""
+        self.end_requested = True
 
     @property
     def _constrains_answer(self) -> bool:
         return self.tool_grammar is not None or self.json_grammar is not None
 
+    def _watching(self, generated: int) -> bool:
+        """Whether this step's decision can depend on the tokens (else they need not be read yet)."""
+        if self.queue or self.end_requested or self.phase in (CLOSING, TOOL_JSON, DONE):
+            return True
+        if self._constrains_answer or self.ban_tools or self.single_call:
+            return True
+        # A budget can only be reached once at least that many tokens were generated.
+        return self.budget is not None and not self.budget_spent and generated >= self.budget
+
     def _enter_answer(self) -> None:
         self.phase = ANSWER
+        self.end_requested = False
         if self.tool_grammar is not None:
             self.queue.extend([self.special.tool_call_start, *self.newline_ids])
             self.phase = TOOL_JSON
@@ -147,37 +151,44 @@ class TurnGuide:
                 self.constraint = None  # the answer's constraint starts afresh after thinking
                 return
             self.phase = ANSWER
+            self.end_requested = False
             if token == special.tool_call_start and self.tool_grammar is not None:
                 self.queue.extend(self.newline_ids)
                 self.phase = TOOL_JSON
         if self.phase == THINKING:
             if token == special.think_end:
                 self.phase = CLOSING
+                self.end_requested = False
                 if not self.queue and self._constrains_answer:
                     self.queue.extend(self.blank_ids)
                 return
             self.thought += 1
-            if self.budget is not None and not self.budget_spent and self.thought >= self.budget:
-                self.budget_spent = True
-                self.queue.extend(self.budget_ids)
             return
         if self.phase == ANSWER and token == special.tool_call_end and self.single_call:
             self.phase = DONE
+
+    def _stop_thinking_if_due(self) -> None:
+        if self.phase != THINKING or self.budget_spent:
+            return
+        if self.end_requested or (self.budget is not None and self.thought >= self.budget):
+            self.budget_spent = True
+            self.end_requested = False
+            self.queue.extend(self.budget_ids)
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         if self._ids is None:
             self._ids = mx.arange(self.vocab_size)
         tokens = tokens.reshape(-1)
-        if self.seen == 0:
-            self.seen = tokens.size  # the prompt
-        elif tokens.size > self.seen:
-            for token in tokens[self.seen :].tolist():
-                self._observe(token)
-            self.seen = tokens.size
-        if self.penalties and tokens.size > self.prompt_len:
+        size = tokens.size
+        if self.penalties:  # (with nothing generated yet, a logit bias still applies)
             generated = tokens[self.prompt_len :]
             for penalty in self.penalties:
                 logits = penalty(generated, logits)
+        if size > self.seen and self._watching(size - self.prompt_len):
+            for token in tokens[self.seen :].tolist():
+                self._observe(token)
+            self.seen = size
+        self._stop_thinking_if_due()
 
         if self.queue:
             return self._only([self.queue.popleft()], logits)
@@ -204,7 +215,7 @@ class TurnGuide:
             self.constraint = None
             self.phase = DONE if self.single_call else ANSWER
             self.tool_grammar = None  # the forced call is made; later calls, if any, are the model's own
-            self.queue.extend([*self.newline_ids, self.special.tool_call_end])
+            self.queue.append(self.special.tool_call_end)  # the grammar ended with the newline before it
             return self._only([self.queue.popleft()], logits)
         if self.phase == ANSWER:
             if self.constraint is not None:

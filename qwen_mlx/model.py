@@ -6,8 +6,15 @@ router whose experts run through gather matmuls. `mx.fast` kernels throughout (r
 scaled_dot_product_attention), with mlx-lm's key/value caches (plain or quantized). Parameter names are
 Hugging Face's, with mlx-lm's stacked `mlp.switch_mlp.*` experts, so mlx-lm checkpoints load as they are
 and Hugging Face ones after `sanitize`.
-The model knows tensors only: token ids in, logits out. On several Macs, `qwen_mlx.distributed` swaps in
-sharded layers and sets the two hooks here: a MoE block's expert range and group, and the pipeline stage.
+The model knows tensors only: token ids in, logits out.
+
+Sharding lives here too, as in mlx-lm's `Model.shard`: `shard(group)` splits every layer across the ranks
+of a group (tensor parallelism: attention heads and MLP columns through MLX's `shard_linear`, one
+all-reduce after attention and one after the MLP; MoE layers expert-parallel: each rank holds
+`num_experts / N` whole experts, the router replicated), and `keep_stage(start, stop, group)` keeps one
+pipeline stage's layers. Both split the embedding and the head by vocabulary rows (`shard_vocabulary`,
+`VocabParallel`), so every rank holds about 1/N of the weights. `qwen_mlx.distributed` decides the split
+and reads the weights.
 """
 
 from __future__ import annotations
@@ -16,10 +23,13 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_linear
+from mlx.utils import tree_map
 
 from .config import ModelArgs
 from .errors import QwenMLXError
 from .experts import SwitchGLU
+from .mlxlm import submodule
 from .rope import make_rope
 
 
@@ -49,9 +59,7 @@ class Attention(nn.Module):
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
         if hasattr(cache, "bits"):  # mlx-lm's QuantizedKVCache: keys and values are (packed, scales, biases)
-            from mlx_lm.models.base import quantized_scaled_dot_product_attention
-
-            out = quantized_scaled_dot_product_attention(
+            out = submodule("models.base").quantized_scaled_dot_product_attention(
                 queries, keys, values, scale=self.scale, mask=mask, group_size=cache.group_size, bits=cache.bits
             )
         else:
@@ -77,7 +85,7 @@ class SparseMoeBlock(nn.Module):
         self.norm_topk_prob = args.norm_topk_prob
         self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
         self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.num_experts)
-        # Expert parallelism (qwen_mlx.distributed): this rank holds experts [first_expert, +local_experts).
+        # Expert parallelism (`Model.shard`): this rank holds experts [first_expert, +local_experts).
         self.group: Any = None
         self.first_expert = 0
         self.local_experts = args.num_experts
@@ -124,7 +132,7 @@ class Qwen3Model(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        # Pipeline parallelism (qwen_mlx.distributed): `layers` holds this rank's stage only.
+        # Pipeline parallelism (`Model.keep_stage`): `layers` holds this rank's stage only.
         self.pipeline: Any = None
 
     def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
@@ -166,12 +174,40 @@ class Model(nn.Module):
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
 
-    def make_cache(self) -> list[Any]:
-        """One mlx-lm `KVCache` per layer (see `qwen_mlx.engine.make_cache` for the quantized kind)."""
-        # Imported here: importing mlx_lm brings in transformers (seconds), which loading and converting skip.
-        from mlx_lm.models.cache import KVCache
+    def shard(self, group) -> None:
+        """Tensor parallelism: split every layer, the embedding and the head across `group`."""
+        n, rank = group.size(), group.rank()
+        for layer in self.layers:
+            attn = layer.self_attn
+            for name, kind in (("q_proj", "all-to-sharded"), ("k_proj", "all-to-sharded"),
+                               ("v_proj", "all-to-sharded"), ("o_proj", "sharded-to-all")):  # fmt: skip
+                setattr(attn, name, _copy_params(shard_linear(getattr(attn, name), kind, group=group)))
+            attn.n_heads //= n
+            attn.n_kv_heads //= n
+            mlp = layer.mlp
+            if isinstance(mlp, SparseMoeBlock):
+                count = mlp.local_experts // n
+                first = rank * count
+                for proj in (mlp.switch_mlp.gate_proj, mlp.switch_mlp.up_proj, mlp.switch_mlp.down_proj):
+                    proj.update({k: mx.array(v[first : first + count]) for k, v in proj.parameters().items()})
+                mlp.group, mlp.first_expert, mlp.local_experts = group, first, count
+            else:
+                mlp.gate_proj = _copy_params(shard_linear(mlp.gate_proj, "all-to-sharded", group=group))
+                mlp.up_proj = _copy_params(shard_linear(mlp.up_proj, "all-to-sharded", group=group))
+                mlp.down_proj = _copy_params(shard_linear(mlp.down_proj, "sharded-to-all", group=group))
+        self.shard_vocabulary(group)
 
-        return [KVCache() for _ in self.layers]
+    def keep_stage(self, start: int, stop: int, group) -> None:
+        """Pipeline parallelism: keep layers [start, stop) only (the cache then covers them alone); made before
+        the weights are read, so a stage reads only its own. `shard_vocabulary` follows once they are in."""
+        self.model.layers = self.model.layers[start:stop]
+        self.model.pipeline = Pipeline(group)
+
+    def shard_vocabulary(self, group) -> None:
+        """Each rank keeps 1/N of the embedding's and the head's vocabulary rows."""
+        self.model.embed_tokens = VocabParallel(self.model.embed_tokens, self.args.vocab_size, group)
+        if not self.args.tie_word_embeddings:
+            self.lm_head = VocabParallel(self.lm_head, self.args.vocab_size, group)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map Hugging Face tensor names onto ours: drop the tied head and stack per-expert weights."""
@@ -194,3 +230,76 @@ class Model(nn.Module):
                 experts = [weights.pop(key.format(e)) for e in range(self.args.num_experts)]
                 weights[f"{prefix}.switch_mlp.{name}.weight"] = mx.stack(experts)
         return weights
+
+
+def _copy_params(module: nn.Module) -> nn.Module:
+    """Own copies of a module's (sliced) parameters, so the tensors they were cut from can be freed."""
+    module.update(tree_map(lambda a: mx.array(a) if isinstance(a, mx.array) else a, module.parameters()))
+    return module
+
+
+class VocabParallel(nn.Module):
+    """Rows [start, start + rows) of an embedding or a head; the group holds the whole vocabulary.
+
+    As an embedding, each rank looks up the ids it holds (zeros for the rest) and an all-reduce adds them;
+    as a head (or a tied embedding's `as_linear`), each rank scores its rows and an all-gather joins them.
+    """
+
+    def __init__(self, inner: nn.Module, vocab: int, group):
+        super().__init__()
+        n, rank = group.size(), group.rank()
+        self.vocab, self.chunk = vocab, -(-vocab // n)
+        self.start = rank * self.chunk
+        self.rows = max(0, min(vocab, self.start + self.chunk) - self.start)
+        stop = self.start + self.rows
+        inner.update({k: mx.array(v[self.start : stop]) for k, v in inner.parameters().items()})
+        self.inner = inner
+        self._group = group
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if isinstance(self.inner, (nn.Embedding, nn.QuantizedEmbedding)):
+            local = x - self.start
+            mine = (local >= 0) & (local < self.rows)
+            h = self.inner(mx.where(mine, local, 0))
+            return mx.distributed.all_sum(h * mine[..., None].astype(h.dtype), group=self._group)
+        return self._gather(self.inner(x))
+
+    def as_linear(self, h: mx.array) -> mx.array:
+        return self._gather(self.inner.as_linear(h))
+
+    def _gather(self, logits: mx.array) -> mx.array:
+        lead = logits.shape[:-1]
+        if self.rows < self.chunk:  # the last rank's share is short: pad it, then cut the padding off
+            logits = mx.concatenate([logits, mx.zeros((*lead, self.chunk - self.rows), logits.dtype)], axis=-1)
+        flat = logits.reshape(-1, self.chunk)
+        n = self._group.size()
+        every = mx.distributed.all_gather(flat, group=self._group).reshape(n, -1, self.chunk)
+        return every.transpose(1, 0, 2).reshape(*lead, n * self.chunk)[..., : self.vocab]
+
+
+class Pipeline:
+    """One stage's hand-offs: receive the previous stage's activations, pass them on, share the last's."""
+
+    def __init__(self, group):
+        self.group = group
+        self.rank, self.size = group.rank(), group.size()
+
+    def receive(self, h: mx.array) -> mx.array:
+        if self.rank == 0:
+            return h
+        got = mx.distributed.recv_like(h, self.rank - 1, group=self.group)
+        # `h` (the vocabulary-parallel embedding, an all-reduce every rank joins) must run before the receive
+        # waits on the previous stage, which itself waits in that all-reduce: `depends` orders the two.
+        return mx.depends(got, h)
+
+    def pass_on(self, h: mx.array, cache: list) -> mx.array:
+        if self.rank < self.size - 1:
+            h = mx.distributed.send(h, self.rank + 1, group=self.group)
+            # A prompt chunk evaluates only the cache; tie the send to it so the next stage is never starved.
+            if cache and cache[-1] is not None:
+                last = cache[-1]
+                if isinstance(last.keys, tuple):  # a quantized cache keeps (packed, scales, biases)
+                    last.keys = tuple(mx.depends(list(last.keys), h))
+                elif last.keys is not None:
+                    last.keys = mx.depends(last.keys, h)
+        return mx.distributed.all_gather(h, group=self.group)[-h.shape[0] :]

@@ -4,8 +4,9 @@ Design decisions:
 - Driven by token ids, not by text: `<think>`, `</think>`, `<tool_call>` and `</tool_call>` are single
   special tokens in Qwen3's vocabulary, so a user or a model writing the characters "<think>" inside
   ordinary text can never be mistaken for a tag (the tokenizer would have made them the special token).
-- The starting state comes from the prompt: a template that already opened `<think>` (Thinking-2507)
-  starts in reasoning; one that pre-filled the empty block (`enable_thinking=False`) starts in the answer.
+- The starting state comes from the prompt (`format.prompt_phase`): a template that already opened `<think>`
+  (Thinking-2507) starts in reasoning; one that pre-filled the empty block (`enable_thinking=False`) starts in
+  the answer.
 - The newlines the template puts around the block (`<think>\\n`, `\\n</think>\\n\\n`) are not content: they
   are dropped, as the template itself drops them when it renders `reasoning_content` back.
 - A `<tool_call>` inside reasoning is reasoning text. A tool call that is not a JSON object with a string
@@ -23,6 +24,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from .format import SpecialIds
 
 
 @dataclass(frozen=True)
@@ -49,30 +52,6 @@ class ToolCallError:
 
 
 Event = Reasoning | Answer | ToolCall | ToolCallError
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    think_start: int | None
-    think_end: int | None
-    tool_call_start: int | None
-    tool_call_end: int | None
-
-    @classmethod
-    def of(cls, tokenizer) -> SpecialIds:
-        return cls(
-            tokenizer.think_start_id, tokenizer.think_end_id, tokenizer.tool_call_start_id, tokenizer.tool_call_end_id
-        )
-
-
-def thinking_already_open(prompt_ids: Sequence[int], special: SpecialIds) -> bool:
-    """Whether the prompt ends inside a `<think>` block the template opened (Thinking-2507 templates)."""
-    for token in reversed(prompt_ids):
-        if token == special.think_end:
-            return False
-        if token == special.think_start:
-            return True
-    return False
 
 
 def parse_tool_call(raw: str) -> ToolCall | ToolCallError:
@@ -134,7 +113,7 @@ class ReplyParser:
         self.special = special
         self.in_thinking = in_thinking
         self.in_tool_call = False
-        self.reasoning_tokens = 0  # tokens of the think block, its tags and any injected text included
+        self.reasoning_tokens = 0  # tokens of the think block, its tags and any forced text included
         self.thought_tokens = 0  # tokens between the tags: what a thinking budget counts
         self.tool_calls = 0
         self._started = False  # anything but whitespace emitted (a later <think> is then plain text)

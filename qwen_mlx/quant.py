@@ -14,6 +14,7 @@ Design decisions:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -77,6 +78,24 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64, recipe: Re
     """Quantize `model` in place (lazily) and return its config's `quantization` block."""
     block, plan = quantization_plan(model, bits, group_size, recipe)
     nn.quantize(model, group_size, bits, mode="affine", class_predicate=lambda path, _: plan.get(path, False))
+    return block
+
+
+def quantization_block(model: nn.Module) -> dict | None:
+    """The config's `quantization` block that describes `model` as it is (None for a float model): the most
+    common bits and group size, and an entry for each module quantized otherwise."""
+    found = {
+        path: (module.group_size, module.bits)
+        for path, module in model.named_modules()
+        if "scales" in module and hasattr(module, "bits") and hasattr(module, "group_size")
+    }
+    if not found:
+        return None
+    (group_size, bits), _ = Counter(found.values()).most_common(1)[0]
+    block: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    for path, (g, b) in sorted(found.items()):
+        if (g, b) != (group_size, bits):
+            block[path] = {"group_size": g, "bits": b}
     return block
 
 

@@ -17,9 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 
 from .errors import QwenMLXError
+from .mlxlm import submodule
+
+_mlx_lm = submodule("sample_utils")
+apply_min_p, apply_top_k, apply_top_p = _mlx_lm.apply_min_p, _mlx_lm.apply_top_k, _mlx_lm.apply_top_p
+make_logits_processors, make_sampler = _mlx_lm.make_logits_processors, _mlx_lm.make_sampler
 
 THINKING_DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}
 NON_THINKING_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0}

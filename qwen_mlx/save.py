@@ -10,6 +10,7 @@ place only when complete, so a failure never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,9 +23,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .checkpoint import Loaded
 from .config import ModelArgs
 from .errors import QwenMLXError
-from .quant import parameter_count
+from .quant import parameter_count, quantization_block
 
 MAX_SHARD_BYTES = 5 << 30
 # Files besides the weights that make a folder usable on its own: tokenizer, chat template, defaults.
@@ -173,14 +175,35 @@ def copy_companions(source: Path | None, folder: Path) -> None:
             (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
 
 
-def save(model: nn.Module, out: str | Path, *, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Write `model` (quantized or not) to the folder `out` in mlx-lm's format; return the folder."""
-    config = export_config(getattr(model, "config", {}), model.args)
+def save(
+    model: nn.Module | Loaded,
+    out: str | Path,
+    *,
+    config: dict[str, Any] | None = None,
+    source: Path | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
+    """Write a model (quantized or not) to the folder `out` in mlx-lm's format; return the folder.
+
+    Given what `qwen_mlx.loader.load_model` returned, the checkpoint's config and its tokenizer, chat
+    template and generation defaults come along. A bare model is described from its shapes (`config` and
+    `source` may say more).
+    """
+    if isinstance(model, Loaded):
+        config = model.config if config is None else config
+        source = model.path if source is None else source
+        model = model.model
+    if config is None:
+        config = {k: v for k, v in dataclasses.asdict(model.args).items() if v is not None}
+        if block := quantization_block(model):
+            config["quantization"] = block
+    config = export_config(config, model.args)
 
     def write(folder: Path) -> None:
         weights = dict(tree_flatten(model.parameters()))
         write_weights(folder, weights, parameter_count(model), max_shard_bytes)
         write_config(folder, config)
-        copy_companions(getattr(model, "path", None), folder)
+        copy_companions(source, folder)
 
     return write_folder(Path(out), write, overwrite=overwrite)

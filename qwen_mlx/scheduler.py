@@ -10,15 +10,16 @@ Design decisions:
   seed) and per-request logits processors (`TurnGuide`) ride along.
 - Prefix reuse across requests is mlx-lm's `LRUPromptCache` (a token trie of finished turns' KV caches):
   a conversation that continues starts from its longest cached prefix; `cached_tokens` reports it.
-- Qwen3's reply format is split in the worker with the same `ReplyParser` as the CLI and the chat app,
-  so events are identical whichever front end asked.
+- Every turn is planned by `qwen_mlx.turn` (`self.turns`) and read by its `TurnReader`, as in the CLI and
+  the chat app, so events and stats are identical whichever front end asked. Its logits processor (the
+  turn's guide) gets the prompt and the generated tokens, as mlx-lm's batch generator passes them.
 - A full house (running + waiting >= the limit) is refused at `submit` (the endpoint's 429), and a
   cancelled ticket (a client that went away) leaves the batch before the next step.
 - A failure inside a step fails the tickets in that batch, drops the batch and carries on: the server
   outlives any request.
-- On several Macs (a model with a `link`, see `qwen_mlx.distributed`) turns run one at a time through
-  `Generation`, which keeps the other ranks in step; the conversation's cache is kept across turns, so
-  a continuing chat prefills only what is new.
+- On several Macs (a loaded part with a `link`, see `qwen_mlx.distributed`) turns run one at a time
+  through `Generation`, which keeps the other ranks in step; the conversation's cache is kept across
+  turns, so a continuing chat prefills only what is new.
 """
 
 from __future__ import annotations
@@ -27,44 +28,20 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .chat import ChatStats, context_length
-from .engine import make_cache
-from .errors import QwenMLXError
-from .parser import Answer, Event, ReplyParser, SpecialIds, StopStrings, thinking_already_open
-from .sampling import LogitsProcessor, Sampler
+from .cache import cache_length, common_prefix, make_cache, trim_cache
+from .checkpoint import Loaded
+from .engine import Generation
+from .errors import Overloaded
+from .parser import Event
 from .tokenizer import Tokenizer
+from .turn import ChatStats, TokenLogprob, TurnPlan, TurnReader, Turns
 
-
-class Overloaded(QwenMLXError):
-    """Every slot and every waiting place is taken."""
-
-
-@dataclass
-class Turn:
-    """What the worker needs to generate one reply."""
-
-    prompt_ids: list[int]
-    max_tokens: int
-    sampler: Sampler
-    processors: list[LogitsProcessor] = field(default_factory=list)
-    stop: Sequence[str] = ()
-    chat: bool = True  # parse Qwen3's reply format; False: raw text (`/v1/completions`)
-    tool_calls: bool = True  # False (a request without tools): `<tool_call>` blocks stay answer text
-    thinking: bool = True  # the mode, for the stats
-    top_logprobs: int | None = None  # None: no logprobs
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token: str
-    logprob: float
-    bytes: list[int]
-    top: list[tuple[str, float, list[int]]]
+__all__ = ["Failed", "Finished", "Overloaded", "Scheduler", "Step", "Ticket"]
 
 
 @dataclass(frozen=True)
@@ -86,7 +63,7 @@ class Failed:
 class Ticket:
     """One submitted turn, read from the event loop: `async for update in ticket`."""
 
-    def __init__(self, turn: Turn, loop: asyncio.AbstractEventLoop):
+    def __init__(self, turn: TurnPlan, loop: asyncio.AbstractEventLoop):
         self.turn = turn
         self.loop = loop
         self.updates: asyncio.Queue = asyncio.Queue()
@@ -110,43 +87,12 @@ class Ticket:
         return update
 
 
-class _Live:
-    """The worker's bookkeeping for one ticket in the batch."""
-
-    def __init__(self, ticket: Ticket, tokenizer: Tokenizer, special: SpecialIds, cached: int):
-        turn = ticket.turn
-        self.ticket = ticket
-        self.cached = cached
-        if not turn.tool_calls:  # a client that prompts for tools itself parses the text itself
-            special = replace(special, tool_call_start=None, tool_call_end=None)
-        self.detokenizer = tokenizer.detokenizer()
-        self.parser = ReplyParser(special, thinking_already_open(turn.prompt_ids, special), turn.stop)
-        self.stops = StopStrings(turn.stop)
-        self.completion_tokens = 0
-        self.first_token_at: float | None = None
-
-    @property
-    def stopped(self) -> bool:
-        return self.parser.stopped if self.ticket.turn.chat else self.stops.stopped
-
-
-def _after_prompt(processor, prompt_ids: list[int]):
-    """`processor` as mlx-lm's batch generator calls it, with the prompt before the generated tokens
-    (`Generation` passes the generated ones only): the guide counts from the prompt's end."""
-    prompt = mx.array(prompt_ids, mx.int32)
-
-    def call(history: mx.array, logits: mx.array) -> mx.array:
-        return processor(mx.concatenate([prompt, history.astype(mx.int32)]), logits)
-
-    return call
-
-
 class Scheduler:
     """Owns the model on one MLX thread; `submit` from the event loop, read the ticket there."""
 
     def __init__(
         self,
-        load: Callable[[], tuple[object, Tokenizer]],
+        load: Callable[[], tuple[Loaded, Tokenizer]],
         *,
         max_batch: int = 8,
         max_waiting: int = 32,
@@ -163,9 +109,10 @@ class Scheduler:
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="qwen-mlx-worker", daemon=True)
+        self.loaded: Loaded | None = None
         self.model = None
         self.tokenizer: Tokenizer | None = None
-        self.context_length = 0
+        self.turns: Turns | None = None
 
     def start(self) -> None:
         """Start the worker and wait until the model is loaded (re-raising a load failure)."""
@@ -183,17 +130,11 @@ class Scheduler:
     def in_flight(self) -> int:
         return self._in_flight
 
-    def check_fits(self, prompt_ids: Sequence[int], max_tokens: int | None) -> int:
-        """The max_tokens to use: refused if the prompt leaves no room, else capped to the room left."""
-        room = self.context_length - len(prompt_ids)
-        if room <= 0:
-            raise QwenMLXError(
-                f"the prompt is {len(prompt_ids)} tokens but the model's context is {self.context_length}: "
-                "shorten the conversation"
-            )
-        return room if max_tokens is None else min(max_tokens, room)
+    @property
+    def context_length(self) -> int:
+        return self.turns.context_length if self.turns else 0
 
-    def submit(self, turn: Turn) -> Ticket:
+    def submit(self, turn: TurnPlan) -> Ticket:
         """Queue a turn (call on the event loop). Raises `Overloaded` when the house is full."""
         if self._in_flight >= self.max_batch + self.max_waiting:
             raise Overloaded(
@@ -224,25 +165,27 @@ class Scheduler:
             mx.clear_streams()
 
     def _run(self) -> None:
-        from mlx_lm.generate import BatchGenerator
-        from mlx_lm.models.cache import LRUPromptCache
+        from .mlxlm import submodule
+
+        BatchGenerator = submodule("generate").BatchGenerator  # noqa: N806
+        LRUPromptCache = submodule("models.cache").LRUPromptCache  # noqa: N806
 
         try:
-            self.model, self.tokenizer = self._load()
-            self.context_length = context_length(self.model.args)
+            self.loaded, self.tokenizer = self._load()
+            self.model = self.loaded.model
+            args = self.model.args
+            self.turns = Turns(self.tokenizer, args.vocab_size, args.context_length, self.loaded.generation_config)
         except BaseException as e:  # reported by start()
             self._load_error = e
             self._ready.set()
             return
         self._ready.set()
-        tokenizer = self.tokenizer
-        special = SpecialIds.of(tokenizer)
-        end_ids = set(tokenizer.end_token_ids)
-        if getattr(self.model, "link", None) is not None:
+        end_ids = set(self.tokenizer.end_token_ids)
+        if self.loaded.link is not None:
             try:
-                self._run_in_lockstep(special, end_ids)
+                self._run_in_lockstep(end_ids)
             finally:
-                self.model.link.close()
+                self.loaded.link.close()
             return
         prompt_cache = LRUPromptCache(max_size=self.prompt_cache_size)
         stream = mx.new_stream(mx.default_device())  # MLX streams belong to the thread that made them
@@ -258,7 +201,8 @@ class Scheduler:
             )
 
         batch = new_batch()
-        live: dict[int, _Live] = {}
+        live: dict[int, TurnReader] = {}
+        tickets: dict[int, Ticket] = {}
         while True:
             items = self._arrivals(wait=not live)
             if None in items:
@@ -273,22 +217,25 @@ class Scheduler:
                     ticket.put(Failed(f"could not start the request: {e}"))
                     ticket.put(None)
                     continue
-                live[uid] = _Live(ticket, tokenizer, special, cached)
-            gone = [uid for uid, state in live.items() if state.ticket.cancelled]
+                live[uid] = self.turns.reader(ticket.turn, cached=cached, started=ticket.submitted)
+                tickets[uid] = ticket
+            gone = [uid for uid in live if tickets[uid].cancelled]
             if gone:
                 batch.remove(gone)
                 for uid in gone:
-                    del live[uid]
+                    del live[uid], tickets[uid]
             if not live:
                 continue
             try:
                 _, responses = batch.next()
                 stopped = []
                 for r in responses:
-                    state = live.get(r.uid)
-                    if state is None or not self._deliver(state, r.token, r.logprobs, r.finish_reason, end_ids):
+                    reader = live.get(r.uid)
+                    if reader is None:
                         continue
-                    del live[r.uid]
+                    if not self._deliver(tickets[r.uid], reader, r.token, r.logprobs, r.finish_reason):
+                        continue
+                    del live[r.uid], tickets[r.uid]
                     if r.finish_reason is None:
                         stopped.append(r.uid)
                     elif r.prompt_cache is not None:
@@ -297,10 +244,11 @@ class Scheduler:
                     for cache, tokens in batch.remove(stopped, return_prompt_caches=True).values():
                         prompt_cache.insert_cache(None, list(tokens), cache)
             except Exception as e:  # a failed step: end this batch's requests, start a clean batch
-                for state in live.values():
-                    state.ticket.put(Failed(f"generation failed: {e}"))
-                    state.ticket.put(None)
+                for ticket in tickets.values():
+                    ticket.put(Failed(f"generation failed: {e}"))
+                    ticket.put(None)
                 live.clear()
+                tickets.clear()
                 batch.close()
                 batch = new_batch()
                 mx.clear_cache()
@@ -314,11 +262,10 @@ class Scheduler:
             except queue.Empty:
                 return items
 
-    def _run_in_lockstep(self, special: SpecialIds, end_ids: set[int]) -> None:
+    def _run_in_lockstep(self, end_ids: set[int]) -> None:
         """Several Macs: one turn at a time through `Generation`; the other ranks mirror every step."""
-        from .chat import common_prefix
-        from .distributed import PeerLost, stop
-        from .engine import Generation, cache_length, trim_cache
+        from .distributed import PeerLost
+        from .distributed.link import stop
 
         cache = make_cache(self.model, None)
         cached_ids: list[int] = []  # the tokens whose keys and values the cache holds
@@ -336,16 +283,18 @@ class Scheduler:
             ids = turn.prompt_ids
             keep = min(common_prefix(cached_ids, ids), len(ids) - 1)
             trim_cache(cache, keep)
-            state = _Live(ticket, self.tokenizer, special, keep)
+            reader = self.turns.reader(turn, cached=keep, started=ticket.submitted)
             generation = Generation(
                 self.model,
                 ids[keep:],
                 cache,
+                history=ids[:keep],
                 sampler=turn.sampler,
-                logits_processors=[_after_prompt(p, ids) for p in turn.processors],
+                logits_processors=turn.processors,
                 max_tokens=turn.max_tokens,
                 end_ids=end_ids,
                 prefill_step_size=self.prefill_step_size,
+                link=self.loaded.link,
             )
             steps = iter(generation)
             try:
@@ -355,7 +304,7 @@ class Scheduler:
                             break
                         over = len(generation.tokens) >= turn.max_tokens
                         finish = "stop" if token in end_ids else "length" if over else None
-                        if self._deliver(state, token, generation.logprobs, finish, end_ids):
+                        if self._deliver(ticket, reader, token, generation.logprobs, finish):
                             break
                 finally:
                     steps.close()  # tells the other ranks to stop here too
@@ -371,8 +320,9 @@ class Scheduler:
             cached_ids = (ids + generation.tokens)[: cache_length(cache)]
 
     def _admit(self, batch, prompt_cache, ticket: Ticket) -> tuple[int, int]:
-        from mlx_lm.models.cache import trim_prompt_cache
+        from .mlxlm import submodule
 
+        trim_prompt_cache = submodule("models.cache").trim_prompt_cache
         turn = ticket.turn
         ids = turn.prompt_ids
         cache, rest = prompt_cache.fetch_nearest_cache(None, ids)
@@ -392,68 +342,17 @@ class Scheduler:
         )
         return uid, cached
 
-    def _deliver(self, state: _Live, token: int, logprobs: mx.array, finish: str | None, end_ids: set[int]) -> bool:
+    def _deliver(self, ticket: Ticket, reader: TurnReader, token: int, logprobs: mx.array, finish: str | None) -> bool:
         """Hand one token to its ticket; True when the turn is over."""
-        turn = state.ticket.turn
-        if state.first_token_at is None:
-            state.first_token_at = time.perf_counter()
-        state.completion_tokens += 1
-        if token in end_ids:
-            events: list[Event] = []
-            entries = None
-        else:
-            text = state.detokenizer.add(token)
-            if turn.chat:
-                events = state.parser.feed(token, text)
-            else:
-                piece = state.stops.feed(text)
-                events = [Answer(piece)] if piece else []
-            entries = [self._logprob(token, logprobs, turn.top_logprobs)] if turn.top_logprobs is not None else None
-        over = finish is not None or state.stopped
+        events = reader.feed(token)
+        entry = reader.logprob(token, logprobs) if ticket.turn.top_logprobs is not None else None
+        over = finish is not None or reader.stopped
         if over:
-            events = events + (state.parser.finish() if turn.chat else [Answer(state.stops.flush())])
-            events = [e for e in events if not (isinstance(e, Answer) and not e.text)]
-        if events or entries:
-            state.ticket.put(Step(events, entries))
+            closing, stats = reader.finish(finish)
+            events = events + closing
+        if events or entry:
+            ticket.put(Step(events, [entry] if entry else None))
         if over:
-            state.ticket.put(Finished(self._stats(state, "stop" if state.stopped else (finish or "stop"))))
-            state.ticket.put(None)
+            ticket.put(Finished(stats))
+            ticket.put(None)
         return over
-
-    def _logprob(self, token: int, logprobs: mx.array, top: int) -> TokenLogprob:
-        def piece(i: int) -> tuple[str, list[int]]:
-            text = self.tokenizer.decode([i])
-            return text, list(text.encode("utf-8"))
-
-        chosen = logprobs[token].item()
-        tops = []
-        if top:
-            best = mx.argpartition(-logprobs, top - 1)[:top]
-            values = logprobs[best].tolist()
-            for i, value in sorted(zip(best.tolist(), values, strict=True), key=lambda p: -p[1]):
-                text, raw = piece(i)
-                tops.append((text, value, raw))
-        text, raw = piece(token)
-        return TokenLogprob(text, chosen, raw, tops)
-
-    def _stats(self, state: _Live, finish: str) -> ChatStats:
-        turn = state.ticket.turn
-        parser = state.parser
-        if finish == "stop" and turn.chat and parser.tool_calls:
-            finish = "tool_calls"
-        now = time.perf_counter()
-        ttft = (state.first_token_at or now) - state.ticket.submitted
-        decode = now - (state.first_token_at or now)
-        return ChatStats(
-            prefill_tokens=len(turn.prompt_ids) - state.cached,
-            completion_tokens=state.completion_tokens,
-            ttft_s=ttft,
-            prompt_tps=(len(turn.prompt_ids) - state.cached) / max(ttft, 1e-9),
-            generation_tps=(state.completion_tokens - 1) / decode if decode > 0 else 0.0,
-            peak_memory=mx.get_peak_memory(),
-            finish_reason=finish,
-            prompt_tokens=len(turn.prompt_ids),
-            cached_tokens=state.cached,
-            reasoning_tokens=parser.reasoning_tokens if turn.chat else 0,
-            thinking=turn.thinking,
-        )

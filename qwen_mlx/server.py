@@ -35,13 +35,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .chat import THINKING_BUDGET_TEXT, normalize_messages, thinking_mode
-from .errors import QwenMLXError
-from .guide import TurnGuide
+from .errors import ContextLengthExceeded, Overloaded, QwenMLXError
 from .parser import Answer, Reasoning, ToolCall, ToolCallError
 from .protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from .sampling import Sampling
-from .scheduler import Failed, Finished, Overloaded, Scheduler, Step, Ticket, Turn
+from .scheduler import Failed, Finished, Scheduler, Step, Ticket
+from .turn import TurnOptions, TurnPlan, Turns
 
 # reasoning_effort -> thinking budget in tokens (None: no budget); "none" turns thinking off.
 EFFORT_BUDGETS = {"minimal": 256, "low": 1024, "medium": 8192, "high": None, "xhigh": None}
@@ -124,7 +123,6 @@ class Settings:
     model_id: str
     aliases: Sequence[str] = ()
     reasoning_field: str = "reasoning_content"
-    generation_config: dict | None = None
 
 
 def _effort(body: ChatCompletionRequest) -> tuple[bool, int | None]:
@@ -162,23 +160,14 @@ def _template_message(message) -> dict:
     return out
 
 
-def _stops(stop) -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    if len(stops) > 16:
-        raise APIError(400, "stop may hold at most 16 strings", param="stop")
-    return stops
-
-
-def _sampling(body, thinking: bool, generation_config: dict | None, vocab_size: int) -> Sampling:
+def _sampling(body) -> Sampling:
     bias = None
     if body.logit_bias:
         try:
             bias = {int(token): float(value) for token, value in body.logit_bias.items()}
         except ValueError:
             raise APIError(400, "logit_bias keys must be token ids (whole numbers)", param="logit_bias") from None
-    sampling = Sampling(
+    return Sampling(
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=0 if body.top_k == -1 else body.top_k,
@@ -188,95 +177,41 @@ def _sampling(body, thinking: bool, generation_config: dict | None, vocab_size: 
         repetition_penalty=body.repetition_penalty or 1.0,
         logit_bias=bias,
         seed=body.seed,
-    ).resolve(generation_config, thinking)
-    return sampling
+    )
 
 
-def _valid_text(text: str, param: str) -> str:
-    """`text`, unless it holds a lone surrogate (JSON's "\\udc80" parses to one; no tokenizer takes it)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        message = f"{param} holds a lone surrogate escape (\\ud800-\\udfff), which is not text"
-        raise APIError(400, message, param=param) from None
-    return text
-
-
-def plan_chat(scheduler: Scheduler, settings: Settings, body: ChatCompletionRequest) -> Turn:
-    """Render, tokenize and set up one chat turn (runs off the event loop: templates and tokenizers are CPU work)."""
-    tokenizer, vocab = scheduler.tokenizer, scheduler.model.args.vocab_size
+def plan_chat(turns: Turns, body: ChatCompletionRequest) -> TurnPlan:
+    """A chat completion request as the one turn pipeline's options (runs off the event loop: templates
+    and tokenizers are CPU work)."""
     enable_thinking, budget = _effort(body)
-    messages = normalize_messages([_template_message(m) for m in body.messages])
-    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     choice = body.tool_choice
     if isinstance(choice, NamedToolChoice):
-        names = [t["function"]["name"] for t in tools or []]
-        if choice.function.name not in names:
-            raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not in tools", "tool_choice")
         choice = choice.function.name
-    elif choice == "required" and not tools:
-        raise APIError(400, 'tool_choice "required" needs at least one tool in tools', param="tool_choice")
     extra = body.chat_template_kwargs.model_dump(exclude={"enable_thinking"}) if body.chat_template_kwargs else {}
-    reserved = sorted(extra.keys() & {"messages", "tools", "add_generation_prompt"})
-    if reserved:
-        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
-    text = tokenizer.apply_chat_template(
-        messages, tools=tools, enable_thinking=enable_thinking, add_generation_prompt=True, **extra
-    )
-    prompt_ids = tokenizer.encode(_valid_text(text, "messages"))
-    max_tokens = scheduler.check_fits(prompt_ids, body.max_completion_tokens or body.max_tokens)
-    thinking = thinking_mode(messages, enable_thinking)
-    sampling = _sampling(body, thinking, settings.generation_config, vocab)
-    response_format = body.response_format.model_dump(by_alias=True) if body.response_format else None
-    guide = TurnGuide(
-        tokenizer,
-        vocab,
-        prompt_ids,
-        budget=budget,
-        budget_ids=tokenizer.encode(THINKING_BUDGET_TEXT),
-        tool_choice=choice if tools else None,
-        tools=tools or (),
+    options = TurnOptions(
+        tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+        tool_choice=choice,
         parallel_tool_calls=body.parallel_tool_calls,
-        response_format=response_format,
-        penalties=sampling.logits_processors(vocab),
-    )
-    return Turn(
-        prompt_ids=prompt_ids,
-        max_tokens=max_tokens,
-        sampler=sampling.sampler(vocab),
-        processors=[guide] if guide.active else [],
-        stop=_stops(body.stop),
-        chat=True,
-        tool_calls=bool(tools),
-        thinking=thinking,
+        response_format=body.response_format.model_dump(by_alias=True) if body.response_format else None,
+        enable_thinking=enable_thinking,
+        thinking_budget=budget,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        sampling=_sampling(body),
+        stop=[body.stop] if isinstance(body.stop, str) else body.stop or (),
+        template_kwargs=extra,
         top_logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
+    return turns.plan([_template_message(m) for m in body.messages], options)
 
 
-def plan_completion(scheduler: Scheduler, settings: Settings, body: CompletionRequest, prompt) -> Turn:
-    tokenizer, vocab = scheduler.tokenizer, scheduler.model.args.vocab_size
-    if isinstance(prompt, str):
-        prompt_ids = tokenizer.encode(_valid_text(prompt, "prompt"))
-    else:
-        prompt_ids = list(prompt)
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise APIError(400, f"prompt token ids must be between 0 and {vocab - 1}", param="prompt")
-    if not prompt_ids:
-        raise APIError(400, "prompt is empty", param="prompt")
-    max_tokens = scheduler.check_fits(prompt_ids, body.max_tokens)
-    sampling = _sampling(body, False, settings.generation_config, vocab)
-    penalties = sampling.logits_processors(vocab)
-    guide = TurnGuide(tokenizer, vocab, prompt_ids, penalties=penalties) if penalties else None
-    return Turn(
-        prompt_ids=prompt_ids,
-        max_tokens=max_tokens,
-        sampler=sampling.sampler(vocab),
-        processors=[guide] if guide else [],
-        stop=_stops(body.stop),
-        chat=False,
-        thinking=False,
+def plan_completion(turns: Turns, body: CompletionRequest, prompt) -> TurnPlan:
+    options = TurnOptions(
+        max_tokens=body.max_tokens,
+        sampling=_sampling(body),
+        stop=[body.stop] if isinstance(body.stop, str) else body.stop or (),
         top_logprobs=body.logprobs,
     )
+    return turns.plan_text(prompt, options)
 
 
 def usage(stats) -> dict:
@@ -351,9 +286,8 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
 
     @app.exception_handler(QwenMLXError)
     async def _bad_request(request: Request, e: QwenMLXError):
-        message = str(e)
-        code = "context_length_exceeded" if "model's context" in message else None
-        return error_response(400, message, code=code)
+        code = "context_length_exceeded" if isinstance(e, ContextLengthExceeded) else None
+        return error_response(400, str(e), param=e.param, code=code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
@@ -398,7 +332,7 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
-        turn = await asyncio.to_thread(plan_chat, scheduler, settings, body)
+        turn = await asyncio.to_thread(plan_chat, scheduler.turns, body)
         ticket = scheduler.submit(turn)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_id}
         if body.stream:
@@ -413,7 +347,7 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
         prompts = [body.prompt] if isinstance(body.prompt, str) or _is_ids(body.prompt) else list(body.prompt)
         if not prompts or len(prompts) > 16:
             raise APIError(400, "prompt must be a string, a list of token ids, or 1 to 16 strings", param="prompt")
-        turns = [await asyncio.to_thread(plan_completion, scheduler, settings, body, p) for p in prompts]
+        turns = [await asyncio.to_thread(plan_completion, scheduler.turns, body, p) for p in prompts]
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_id}
         if body.stream:
             if len(turns) > 1:
@@ -466,7 +400,7 @@ def _is_ids(prompt) -> bool:
     return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
 
 
-def _echo(scheduler: Scheduler, turn: Turn, echo: bool) -> str:
+def _echo(scheduler: Scheduler, turn: TurnPlan, echo: bool) -> str:
     return scheduler.tokenizer.decode(turn.prompt_ids) if echo else ""
 
 

@@ -26,6 +26,7 @@ from tokenizers import Tokenizer as _Tokenizer
 from tokenizers.decoders import DecodeStream
 
 from .errors import QwenMLXError
+from .files import read_generation_config, read_json
 
 # Qwen3's end-of-turn tokens, used only when a checkpoint has no generation_config.json.
 FALLBACK_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -51,16 +52,6 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise QwenMLXError(f"{path} is not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise QwenMLXError(f"{path} must hold a JSON object")
-    return data
-
-
 def read_chat_template(folder: Path, tokenizer_config: dict) -> str:
     """The template as the checkpoint ships it: `chat_template.jinja` wins over `tokenizer_config.json`."""
     jinja_file = folder / "chat_template.jinja"
@@ -75,12 +66,6 @@ def read_chat_template(folder: Path, tokenizer_config: dict) -> str:
             f"{folder} has no chat template: add chat_template.jinja or a chat_template in tokenizer_config.json"
         )
     return template
-
-
-def read_generation_config(folder: Path) -> dict:
-    """`generation_config.json` as a dict ({} when the checkpoint has none)."""
-    path = Path(folder) / "generation_config.json"
-    return _read_json(path) if path.is_file() else {}
 
 
 class Detokenizer:
@@ -119,7 +104,7 @@ class Tokenizer:
         except Exception as e:  # the Rust parser raises a bare Exception
             raise QwenMLXError(f"{path} is not a readable tokenizer ({e})") from None
         config_path = folder / "tokenizer_config.json"
-        config = _read_json(config_path) if config_path.is_file() else {}
+        config = read_json(config_path, obj=True) if config_path.is_file() else {}
         template = read_chat_template(folder, config)
         end_ids = read_generation_config(folder).get("eos_token_id")
         if isinstance(end_ids, int):

@@ -1,7 +1,8 @@
 """One rank of a distributed test run (started by `mlx.launch`), or the single-process reference (`--single`).
 
 Every rank loads its part, then rank 0 plays a fixed scenario through `Generation` while the others follow:
-1. greedy, with tokens forced in after the third (the thinking budget's `inject`);
+1. greedy, with tokens forced in after the third (as the thinking budget's guide forces them: a logits
+   processor on rank 0 that leaves one choice);
 2. the same cache continued with a new message, the consumer walking away after four tokens;
 3. sampled at temperature 1 from an RNG seeded differently on every rank (only rank 0's draw may count).
 Each rank prints one `PROBE {json}` line: the tokens it fed, its weight bytes, and its resident and peak
@@ -21,7 +22,8 @@ if "--hub-cache" in sys.argv:  # a Hub cache of this rank's own (read when huggi
 
 import mlx.core as mx  # noqa: E402
 
-from qwen_mlx.engine import Generation, make_cache  # noqa: E402
+from qwen_mlx.cache import make_cache  # noqa: E402
+from qwen_mlx.engine import Generation  # noqa: E402
 from qwen_mlx.memory import model_nbytes  # noqa: E402
 from qwen_mlx.sampling import Sampling  # noqa: E402
 
@@ -32,13 +34,20 @@ FOLLOW_UP = [151645, 198, 151644, 872, 198, 40, 1490, 13, 151645, 198, 151644, 7
 END_IDS = [151645, 151643]
 
 
-def scenario(model) -> list[list[int]]:
+def force_after_three(tokens: mx.array, logits: mx.array) -> mx.array:
+    """FORCED as the only choices for the 4th to 6th generated tokens (a processor sees prompt + generated)."""
+    generated = tokens.size - len(PROMPT)
+    if 3 <= generated < 3 + len(FORCED):
+        return mx.where(mx.arange(logits.shape[-1]) == FORCED[generated - 3], logits, -mx.inf)
+    return logits
+
+
+def scenario(model, link) -> list[list[int]]:
     cache = make_cache(model)
-    first = Generation(model, PROMPT, cache, max_tokens=10, end_ids=END_IDS)
-    for _token in first:
-        if len(first.tokens) == 3:
-            first.inject(FORCED)
-    second = Generation(model, FOLLOW_UP, cache, max_tokens=10, end_ids=END_IDS)
+    first = Generation(model, PROMPT, cache, max_tokens=10, end_ids=END_IDS, logits_processors=[force_after_three],
+                       link=link)  # fmt: skip
+    list(first)
+    second = Generation(model, FOLLOW_UP, cache, max_tokens=10, end_ids=END_IDS, link=link)
     for _ in second:
         if len(second.tokens) == 4:
             break
@@ -49,6 +58,7 @@ def scenario(model) -> list[list[int]]:
         sampler=Sampling(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0).sampler(model.args.vocab_size),
         max_tokens=8,
         end_ids=[],
+        link=link,
     )
     list(sampled)
     return [first.tokens, second.tokens, sampled.tokens]
@@ -62,25 +72,28 @@ def main() -> None:
     parser.add_argument("--hub-cache", help="each rank downloads into DIR/rank<N> (the model is a repo id)")
     args = parser.parse_args()
     if args.mode == "single":
-        from qwen_mlx.loader import load
+        from qwen_mlx.loader import load_model
 
-        model, rank = load(args.model), 0
+        loaded, rank = load_model(args.model), 0
     else:
-        from qwen_mlx.distributed import follow, load_part
+        from qwen_mlx.distributed import load_part
 
-        model = load_part(args.model, args.mode, layers=args.layers)
-        rank = model.link.rank
+        loaded = load_part(args.model, args.mode, layers=args.layers)
+        rank = loaded.link.rank
+    model = loaded.model
     mx.clear_cache()
     record = {"rank": rank, "weights": model_nbytes(model), "active": mx.get_active_memory(),
               "peak": mx.get_peak_memory()}  # fmt: skip
     mx.random.seed(1234 + rank)  # a different RNG on every rank: agreement must come from rank 0's broadcast
     if rank == 0:
-        record["tokens"] = scenario(model)
+        record["tokens"] = scenario(model, loaded.link)
         if args.mode != "single":
-            model.link.close()
+            loaded.link.close()
     else:
+        from qwen_mlx.distributed.link import follow
+
         seen: list[list[int]] = []
-        follow(model, on_generation=lambda generation: seen.append(list(generation.tokens)))
+        follow(loaded, on_generation=lambda generation: seen.append(list(generation.tokens)))
         record["tokens"] = seen
     print("PROBE " + json.dumps(record), flush=True)
 

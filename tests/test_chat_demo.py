@@ -17,9 +17,10 @@ import sys
 import pytest
 
 import qwen_mlx
-from qwen_mlx.chat import THINKING_BUDGET_TEXT, ChatSession, Done
+from qwen_mlx.chat import ChatSession, Done
 from qwen_mlx.demo import SCRIPTS
 from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.format import THINKING_BUDGET_TEXT
 from qwen_mlx.parser import Answer, Reasoning, ToolCall, ToolCallError
 from qwen_mlx.sampling import Sampling
 from qwen_mlx.tokenizer import Tokenizer

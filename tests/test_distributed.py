@@ -22,7 +22,8 @@ import pytest
 from conftest import running_server
 
 from qwen_mlx.config import ModelArgs
-from qwen_mlx.distributed import check_tensor_parallel, launch_command, read_hostfile, split_layers
+from qwen_mlx.distributed.launch import launch_command, read_hostfile
+from qwen_mlx.distributed.plan import check_tensor_parallel, split_layers
 from qwen_mlx.errors import QwenMLXError
 
 PROBE = Path(__file__).with_name("distributed_probe.py")
@@ -232,7 +233,7 @@ def test_what_every_rank_finds_is_said_once(tmp_path):
 
 def test_relay_of_the_ranks_stderr():
     """A unit test of the line filter alone, on lines as `mlx.launch` relays them (no ranks run)."""
-    from qwen_mlx.distributed import Relay
+    from qwen_mlx.distributed.launch import Relay
 
     lines = [
         "qwen-mlx: error (rank 2): the model has 2 layers, too few for 4 pipeline stages; use fewer ranks\n",
@@ -259,7 +260,7 @@ def test_relay_of_the_ranks_stderr():
 
 def test_rank_0s_status_on_this_mac_or_another(tmp_path, capsys):
     """Rank 0 on this Mac leaves a file; on another, `mlx.launch` reports only its failures."""
-    from qwen_mlx.distributed import leader_status
+    from qwen_mlx.distributed.launch import leader_status
 
     status_file = tmp_path / "status"
     assert leader_status(str(status_file), None, 0) == 0  # rank 0 elsewhere ended well

@@ -1,7 +1,7 @@
 """The token engine and the chat session on a tiny random-weight Qwen3 (real tokenizer, real template).
 
 Greedy decoding with the cache is checked against greedy decoding by full forward passes (no cache), so
-chunked prefill, pipelining, injection and prefix reuse must all leave the logits untouched.
+chunked prefill, pipelining, forced tokens and prefix reuse must all leave the logits untouched.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import mlx.core as mx
 import pytest
 
 import qwen_mlx
-from qwen_mlx.chat import ChatSession, Done, context_length
-from qwen_mlx.engine import Generation, make_cache
+from qwen_mlx.cache import make_cache, trim_cache
+from qwen_mlx.chat import ChatSession, Done
+from qwen_mlx.engine import Generation
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.sampling import NON_THINKING_DEFAULTS, THINKING_DEFAULTS, Sampling
 from qwen_mlx.tokenizer import Tokenizer
@@ -63,17 +64,44 @@ def test_end_token_stops_and_is_the_last_token(tiny, prompt_ids):
     assert generation.stats.finish_reason == "stop"
 
 
-def test_injected_tokens_are_fed_then_sampling_resumes(tiny, prompt_ids):
+class ForceAfter:
+    """A logits processor that leaves `forced` as the only choice once `after` tokens were generated, and
+    records the histories it was given (the engine must pass the prompt, then the generated tokens)."""
+
+    def __init__(self, prompt_len: int, after: int, forced: list[int]):
+        self.prompt_len, self.after, self.forced = prompt_len, after, forced
+        self.histories: list[list[int]] = []
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        self.histories.append(tokens.tolist())
+        generated = tokens.size - self.prompt_len
+        if self.after <= generated < self.after + len(self.forced):
+            only = self.forced[generated - self.after]
+            return mx.where(mx.arange(logits.shape[-1]) == only, logits, -mx.inf)
+        return logits
+
+
+def test_forced_tokens_are_fed_then_sampling_resumes(tiny, prompt_ids):
     model, _ = tiny
     forced = [9707, 11, 1879]
-    generation = Generation(model, prompt_ids, max_tokens=10)
-    tokens = []
-    for token in generation:
-        tokens.append(token)
-        if len(tokens) == 2:
-            generation.inject(forced)
+    force = ForceAfter(len(prompt_ids), 2, forced)
+    tokens = list(Generation(model, prompt_ids, max_tokens=10, logits_processors=[force]))
     assert tokens[2:5] == forced
     assert tokens == greedy_without_cache(model, prompt_ids, 10, forced={2: list(forced)})
+
+
+def test_processors_see_the_prompt_then_the_generated_tokens(tiny, prompt_ids):
+    """mlx-lm's convention, with a cached prefix passed as `history`: every step sees the whole sequence."""
+    model, _ = tiny
+    cache = make_cache(model)
+    list(Generation(model, prompt_ids[:10], cache, max_tokens=1))
+    trim_cache(cache, 10)
+    force = ForceAfter(len(prompt_ids), 99, [])
+    tokens = list(Generation(model, prompt_ids[10:], cache, history=prompt_ids[:10], max_tokens=4,
+                             logits_processors=[force]))  # fmt: skip
+    # One call per step; the last is the pipelined step queued before max_tokens was known to be reached.
+    assert force.histories == [prompt_ids + tokens[:i] for i in range(5)]
+    assert tokens == greedy_without_cache(model, prompt_ids, 4)
 
 
 def test_cache_holds_prompt_and_tokens(tiny, prompt_ids):
@@ -193,7 +221,7 @@ def test_one_turn_at_a_time(tiny):
 def test_prompt_longer_than_the_context_is_an_error(tiny):
     model, tokenizer = tiny
     session = ChatSession(model, tokenizer)
-    session.context_length = 32
+    session.turns.context_length = 32
     with pytest.raises(QwenMLXError, match=r"the prompt is \d+ tokens but the model's context is 32"):
         session.complete([{"role": "user", "content": "word " * 40}])
     # What fits generates, capped to the room left in the context.
@@ -217,7 +245,7 @@ def test_context_length_follows_yarn():
             "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
         }
     )
-    assert context_length(args) == 131072
+    assert args.context_length == 131072
 
 
 def test_done_is_last_and_counts_tokens(tiny):

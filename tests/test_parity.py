@@ -13,7 +13,8 @@ import pytest
 from fixtures import LEGACY_TWINS, VARIANTS
 
 import qwen_mlx
-from qwen_mlx.loader import check_safetensors
+from qwen_mlx.cache import make_cache
+from qwen_mlx.checkpoint import check_safetensors
 
 # Both sides run float32. Two tiny layers accumulate ~1e-6..1e-5 of summation-order noise on logits of a
 # few units; a wrong rotation, norm or routing weight moves them by 1e-2 or more.
@@ -38,7 +39,7 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def decode_in_chunks(model: qwen_mlx.Model, ids: Sequence[int], chunk_sizes: Sequence[int]) -> np.ndarray:
     """Feed `ids` through one cache in the given chunk sizes (the rest one token at a time)."""
-    cache = model.make_cache()
+    cache = make_cache(model)
     pieces, start = [], 0
     for size in chunk_sizes:
         pieces.append(logits_of(model, [ids[start : start + size]], cache))

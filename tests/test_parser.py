@@ -9,18 +9,10 @@ from __future__ import annotations
 import pytest
 from fixtures import tokenizer_dir
 
-from qwen_mlx.chat import Reply, normalize_messages, thinking_mode
+from qwen_mlx.chat import Reply
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.parser import (
-    Answer,
-    Reasoning,
-    ReplyParser,
-    SpecialIds,
-    StopStrings,
-    ToolCall,
-    ToolCallError,
-    thinking_already_open,
-)
+from qwen_mlx.format import ANSWER, START, THINKING, SpecialIds, normalize_messages, prompt_phase, thinking_mode
+from qwen_mlx.parser import Answer, Reasoning, ReplyParser, StopStrings, ToolCall, ToolCallError
 from qwen_mlx.tokenizer import Tokenizer
 
 
@@ -68,8 +60,11 @@ def test_thinking_opened_by_the_template(tokenizer):
     # Thinking-2507 templates end the prompt with "<think>\n": the output holds only "</think>".
     prompt = tokenizer.encode("<|im_start|>assistant\n<think>\n")
     special = SpecialIds.of(tokenizer)
-    assert thinking_already_open(prompt, special)
-    assert not thinking_already_open(tokenizer.encode("<|im_start|>assistant\n<think>\n\n</think>\n\n"), special)
+    assert prompt_phase(prompt, special) == THINKING
+    assert prompt_phase(tokenizer.encode("<|im_start|>assistant\n<think>\n\n</think>\n\n"), special) == ANSWER
+    # Only the last turn counts: an earlier turn's open block says nothing about the new one.
+    earlier = tokenizer.encode("<|im_start|>assistant\n<think>\nx<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt_phase(earlier, special) == START
     reply = gather(run(tokenizer, "Short thought.\n</think>\n\nThe answer.", in_thinking=True)[0])
     assert (reply.reasoning, reply.answer) == ("Short thought.", "The answer.")
 

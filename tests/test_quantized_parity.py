@@ -72,8 +72,8 @@ def test_mlx_lm_mixed_precision_recipe(mlx_lm_converted, prompt_ids) -> None:
     ],
 )
 def test_our_quantized_save_loads_in_mlx_lm(name, bits, group_size, checkpoint, prompt_ids, tmp_path) -> None:
-    ours = qwen_mlx.load(checkpoint(name), quantize=bits, group_size=group_size)
-    expected = mlx_logits(ours, prompt_ids)
+    ours = qwen_mlx.load_model(checkpoint(name), quantize=bits, group_size=group_size)
+    expected = mlx_logits(ours.model, prompt_ids)
     out = qwen_mlx.save(ours, tmp_path / "saved")
 
     config = json.loads((out / "config.json").read_text())
@@ -83,7 +83,7 @@ def test_our_quantized_save_loads_in_mlx_lm(name, bits, group_size, checkpoint, 
     if "moe" in name:
         # The router stays at 8 bits, group 64, and says so in the block as mlx-lm does.
         assert block["model.layers.1.mlp.gate"] == {"group_size": 64, "bits": 8}
-        assert config["num_experts"] == ours.args.num_experts
+        assert config["num_experts"] == ours.model.args.num_experts
     with safe_open(str(next(out.glob("*.safetensors"))), "np") as f:
         assert f.metadata() == {"format": "mlx"}
 
@@ -121,9 +121,9 @@ def test_quantizing_on_load_never_holds_the_full_model(checkpoint) -> None:
 def test_full_precision_save_round_trips(name, checkpoint, prompt_ids, tmp_path) -> None:
     # An unquantized MLX folder: the same weights back, YaRN settings kept (mlx-lm's MoE drops them, so
     # only the dense folder is compared with mlx-lm).
-    model = qwen_mlx.load(checkpoint(name))
-    expected = mlx_logits(model, prompt_ids)
-    out = qwen_mlx.save(model, tmp_path / "saved")
+    loaded = qwen_mlx.load_model(checkpoint(name))
+    expected = mlx_logits(loaded.model, prompt_ids)
+    out = qwen_mlx.save(loaded, tmp_path / "saved")
     config = json.loads((out / "config.json").read_text())
     assert "quantization" not in config and "quantization_config" not in config
     assert (out / "tokenizer.json").is_file()

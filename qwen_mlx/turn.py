@@ -1,0 +1,348 @@
+"""One turn, planned once and read once: every front end (the chat session, the server's routes, its
+batch, the lockstep over several Macs) is a caller of this module.
+
+`Turns` (one per model) plans a turn: messages and `TurnOptions` in; out a `TurnPlan` with the prompt ids
+(the checkpoint's template), the thinking mode, the resolved sampling, the turn's `TurnGuide` (thinking
+budget, "end thinking now", `tool_choice`, `response_format`, penalties), and max tokens capped to the
+room left in the context. `TurnReader` reads the tokens a plan produces: detokenizer, reply parser,
+events, logprobs and the stats, with the one finish rule (a stop string is "stop"; an end token after a
+tool call is "tool_calls").
+
+Design decisions:
+- A prompt that does not fit the model's context is an error (`ContextLengthExceeded`), never a silent
+  truncation; `max_tokens` is capped to the room that is left (finish reason `length` when reached).
+- Tool calls are parsed when the turn was given tools; without them a `<tool_call>` block stays answer
+  text (a client that prompts for tools itself parses the text itself).
+- Every plan carries its guide, so "end thinking now" works in every front end; the guide reads the
+  tokens only while a decision depends on them, so an idle guide leaves decoding pipelined.
+- The planner knows templates, thinking and tools; it knows nothing about HTTP or MLX caches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import mlx.core as mx
+
+from . import format as qwen3
+from .engine import Stats
+from .errors import ContextLengthExceeded, QwenMLXError
+from .format import SpecialIds, normalize_messages, thinking_mode
+from .guide import TurnGuide
+from .parser import Answer, Event, Reasoning, ReplyParser, StopStrings, ToolCall, ToolCallError
+from .sampling import Sampler, Sampling
+from .tokenizer import Tokenizer
+
+MAX_STOPS = 16
+TOOL_CHOICES = ("auto", "none", "required")
+RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt", "enable_thinking")
+
+
+@dataclass
+class ChatStats(Stats):
+    """One turn's numbers: the engine's, plus token counts as OpenAI reports them and the mode used.
+
+    `finish_reason` is "stop", "length" or "tool_calls"; `prefill_tokens` = `prompt_tokens` - `cached_tokens`.
+    """
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    thinking: bool = True  # the mode the turn ran in, soft switches applied
+
+
+@dataclass(frozen=True)
+class Done:
+    """The last event of every turn."""
+
+    stats: ChatStats
+
+
+ChatEvent = Event | Done
+
+
+@dataclass
+class Reply:
+    """A whole turn, gathered from its events (what a non-streaming caller wants)."""
+
+    reasoning: str = ""
+    answer: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    errors: list[ToolCallError] = field(default_factory=list)
+    stats: ChatStats = field(default_factory=ChatStats)
+
+    @classmethod
+    def gather(cls, events: Iterator[ChatEvent]) -> Reply:
+        reply = cls()
+        for event in events:
+            if isinstance(event, Reasoning):
+                reply.reasoning += event.text
+            elif isinstance(event, Answer):
+                reply.answer += event.text
+            elif isinstance(event, ToolCall):
+                reply.tool_calls.append(event)
+            elif isinstance(event, ToolCallError):
+                reply.errors.append(event)
+            elif isinstance(event, Done):
+                reply.stats = event.stats
+        return reply
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, float, list[int]]]
+
+
+@dataclass
+class TurnOptions:
+    """What a caller may ask of one turn (every front end's options map onto these)."""
+
+    tools: list[dict] | None = None
+    tool_choice: str | None = None  # "auto", "none", "required", or the name of one of `tools`
+    parallel_tool_calls: bool = True
+    response_format: dict | None = None  # OpenAI's: {"type": "json_object"} or {"type": "json_schema", ...}
+    enable_thinking: bool = True
+    thinking_budget: int | None = None
+    max_tokens: int | None = None
+    sampling: Sampling | None = None
+    stop: Sequence[str] = ()
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    top_logprobs: int | None = None  # None: no logprobs
+
+
+@dataclass
+class TurnPlan:
+    """Everything the token loop needs for one reply, and what its reader needs to read it."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampler: Sampler
+    guide: TurnGuide
+    stop: list[str] = field(default_factory=list)
+    chat: bool = True  # parse Qwen3's reply format; False: raw text (`/v1/completions`)
+    tool_calls: bool = True  # False (a turn without tools): `<tool_call>` blocks stay answer text
+    thinking: bool = True  # the mode, for the stats
+    top_logprobs: int | None = None
+
+    @property
+    def processors(self) -> list:
+        return [self.guide]
+
+
+def _stops(stop: Sequence[str] | str | None) -> list[str]:
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > MAX_STOPS:
+        raise QwenMLXError(f"stop may hold at most {MAX_STOPS} strings", param="stop")
+    return stops
+
+
+def _valid_text(text: str, param: str) -> str:
+    """`text`, unless it holds a lone surrogate (JSON's "\\udc80" parses to one; no tokenizer takes it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        message = f"{param} holds a lone surrogate escape (\\ud800-\\udfff), which is not text"
+        raise QwenMLXError(message, param=param) from None
+    return text
+
+
+def _tool_choice(choice: str | None, tools: list[dict] | None) -> str | None:
+    """The choice the guide applies (None: the model decides), checked against the tools."""
+    if choice in (None, "auto"):
+        return None
+    if not isinstance(choice, str) or not choice:
+        raise QwenMLXError("tool_choice must be auto, none, required or a tool's name", param="tool_choice")
+    names = [(t.get("function") or t).get("name") for t in tools or []]
+    if choice == "required" and not names:
+        raise QwenMLXError('tool_choice "required" needs at least one tool in tools', param="tool_choice")
+    if choice not in TOOL_CHOICES and choice not in names:
+        raise QwenMLXError(f"tool_choice names {choice!r}, which is not in tools", param="tool_choice")
+    return choice if names else None
+
+
+class Turns:
+    """Plans turns for one model: its tokenizer, vocabulary, context and generation settings."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, vocab_size: int, context_length: int, generation_config: dict | None = None
+    ):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+        self.generation_config = generation_config or {}
+        self.special = SpecialIds.of(tokenizer)
+
+    def render(
+        self,
+        messages: Sequence[dict],
+        tools: list[dict] | None = None,
+        enable_thinking: bool = True,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """The prompt token ids for these messages, through the checkpoint's template."""
+        text = self.tokenizer.apply_chat_template(
+            normalize_messages(messages),
+            tools=tools,
+            enable_thinking=enable_thinking,
+            add_generation_prompt=True,
+            **(template_kwargs or {}),
+        )
+        return self.tokenizer.encode(_valid_text(text, "messages"))
+
+    def fit(self, prompt_len: int, max_tokens: int | None) -> int:
+        """The max tokens to use: refused if the prompt leaves no room, else capped to the room left."""
+        if max_tokens is not None and max_tokens < 0:
+            raise QwenMLXError(f"max_tokens={max_tokens} is invalid: it must be >= 0", param="max_tokens")
+        room = self.context_length - prompt_len
+        if room <= 0:
+            raise ContextLengthExceeded(
+                f"the prompt is {prompt_len} tokens but the model's context is {self.context_length}: "
+                "shorten the conversation",
+                param="messages",
+            )
+        return room if max_tokens is None else min(max_tokens, room)
+
+    def plan(self, messages: Sequence[dict], options: TurnOptions | None = None) -> TurnPlan:
+        """Render, tokenize and set up one chat turn (CPU work: a server runs it off its event loop)."""
+        o = options or TurnOptions()
+        if o.thinking_budget is not None and o.thinking_budget < 0:
+            message = f"thinking_budget={o.thinking_budget} is invalid: it must be >= 0"
+            raise QwenMLXError(message, param="thinking_budget")
+        reserved = sorted(o.template_kwargs.keys() & set(RESERVED_TEMPLATE_KWARGS))
+        if reserved:
+            raise QwenMLXError(f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
+        messages = normalize_messages(messages)
+        tools = list(o.tools) if o.tools else None
+        choice = _tool_choice(o.tool_choice, tools)
+        prompt_ids = self.render(messages, tools, o.enable_thinking, o.template_kwargs)
+        max_tokens = self.fit(len(prompt_ids), o.max_tokens)
+        thinking = thinking_mode(messages, o.enable_thinking)
+        sampling = (o.sampling or Sampling()).resolve(self.generation_config, thinking)
+        guide = TurnGuide(
+            self.tokenizer,
+            self.vocab_size,
+            prompt_ids,
+            budget=o.thinking_budget,
+            tool_choice=choice,
+            tools=tools or (),
+            parallel_tool_calls=o.parallel_tool_calls,
+            response_format=o.response_format,
+            penalties=sampling.logits_processors(self.vocab_size),
+        )
+        return TurnPlan(
+            prompt_ids=prompt_ids,
+            max_tokens=max_tokens,
+            sampler=sampling.sampler(self.vocab_size),
+            guide=guide,
+            stop=_stops(o.stop),
+            tool_calls=bool(tools),
+            thinking=thinking,
+            top_logprobs=o.top_logprobs,
+        )
+
+    def plan_text(self, prompt: str | Sequence[int], options: TurnOptions | None = None) -> TurnPlan:
+        """A raw completion: the prompt as given (text or token ids), the reply as plain text."""
+        o = options or TurnOptions()
+        if isinstance(prompt, str):
+            prompt_ids = self.tokenizer.encode(_valid_text(prompt, "prompt"))
+        else:
+            prompt_ids = list(prompt)
+            if any(not 0 <= t < self.vocab_size for t in prompt_ids):
+                raise QwenMLXError(f"prompt token ids must be between 0 and {self.vocab_size - 1}", param="prompt")
+        if not prompt_ids:
+            raise QwenMLXError("prompt is empty", param="prompt")
+        max_tokens = self.fit(len(prompt_ids), o.max_tokens)
+        sampling = (o.sampling or Sampling()).resolve(self.generation_config, False)
+        penalties = sampling.logits_processors(self.vocab_size)
+        return TurnPlan(
+            prompt_ids=prompt_ids,
+            max_tokens=max_tokens,
+            sampler=sampling.sampler(self.vocab_size),
+            guide=TurnGuide(self.tokenizer, self.vocab_size, prompt_ids, penalties=penalties),
+            stop=_stops(o.stop),
+            chat=False,
+            tool_calls=False,
+            thinking=False,
+            top_logprobs=o.top_logprobs,
+        )
+
+    def reader(self, plan: TurnPlan, *, cached: int = 0, started: float | None = None) -> TurnReader:
+        return TurnReader(self, plan, cached=cached, started=started)
+
+
+class TurnReader:
+    """Reads one plan's tokens: `feed` each sampled token, `finish` once generation ends."""
+
+    def __init__(self, turns: Turns, plan: TurnPlan, *, cached: int = 0, started: float | None = None):
+        self.plan = plan
+        self.tokenizer = turns.tokenizer
+        self.end_ids = set(turns.tokenizer.end_token_ids)
+        special = turns.special
+        parsed = special if plan.tool_calls else replace(special, tool_call_start=None, tool_call_end=None)
+        in_thinking = qwen3.prompt_phase(plan.prompt_ids, special) == qwen3.THINKING
+        self.parser = ReplyParser(parsed, in_thinking, plan.stop)
+        self.stops = StopStrings(plan.stop)
+        self.detokenizer = turns.tokenizer.detokenizer()
+        self.started = time.perf_counter() if started is None else started
+        self.first_token_at: float | None = None
+        n = len(plan.prompt_ids)
+        self.stats = ChatStats(prefill_tokens=n - cached, prompt_tokens=n, cached_tokens=cached, thinking=plan.thinking)
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string ended the reply: the caller should end the generation."""
+        return self.parser.stopped if self.plan.chat else self.stops.stopped
+
+    def feed(self, token: int) -> list[Event]:
+        """One sampled token's events (none for an end token)."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.stats.completion_tokens += 1
+        if token in self.end_ids:
+            return []
+        text = self.detokenizer.add(token)
+        if self.plan.chat:
+            return self.parser.feed(token, text)
+        piece = self.stops.feed(text)
+        return [Answer(piece)] if piece else []
+
+    def logprob(self, token: int, logprobs: mx.array) -> TokenLogprob | None:
+        """The sampled token's log-probability and the top alternatives, when the plan asks for them."""
+        top = self.plan.top_logprobs
+        if top is None or token in self.end_ids:
+            return None
+
+        def piece(i: int) -> tuple[str, list[int]]:
+            text = self.tokenizer.decode([i])
+            return text, list(text.encode("utf-8"))
+
+        chosen = logprobs[token].item()
+        tops = []
+        if top:
+            best = mx.argpartition(-logprobs, top - 1)[:top]
+            values = logprobs[best].tolist()
+            for i, value in sorted(zip(best.tolist(), values, strict=True), key=lambda p: -p[1]):
+                text, raw = piece(i)
+                tops.append((text, value, raw))
+        text, raw = piece(token)
+        return TokenLogprob(text, chosen, raw, tops)
+
+    def finish(self, finish_reason: str | None) -> tuple[list[Event], ChatStats]:
+        """The held-back text, and the turn's stats; `finish_reason` is the loop's ("stop", "length" or None
+        when the caller ended it)."""
+        events = self.parser.finish() if self.plan.chat else [Answer(self.stops.flush())]
+        events = [e for e in events if not (isinstance(e, Answer) and not e.text)]
+        finish = "stop" if self.stopped else (finish_reason or "stop")
+        if finish == "stop" and self.plan.chat and self.parser.tool_calls:
+            finish = "tool_calls"
+        stats = self.stats
+        stats.finish_reason = finish
+        stats.reasoning_tokens = self.parser.reasoning_tokens if self.plan.chat else 0
+        stats.measure(self.started, self.first_token_at, time.perf_counter())
+        return events, stats
