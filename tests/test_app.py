@@ -15,7 +15,8 @@ from qwen_mlx.app.app import ChatApp, Source
 from qwen_mlx.app.conversation import Conversation
 from qwen_mlx.app.store import Store
 from qwen_mlx.app.widgets import AssistantMessage, ChatInput, Notice, StatusBar, ThinkingPanel
-from qwen_mlx.chat import THINKING_BUDGET_TEXT, ChatSession
+from qwen_mlx.chat import ChatSession
+from qwen_mlx.format import THINKING_BUDGET_TEXT
 
 SIZE = (100, 40)
 
