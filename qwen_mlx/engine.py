@@ -233,4 +233,3 @@ class Generation:
             token, logprobs = next_token, next_logprobs
             if len(self.tokens) % CLEAR_CACHE_EVERY == 0:
                 mx.clear_cache()
-

@@ -20,6 +20,8 @@ Design decisions:
   `<tool_call>\\n`, then the call's JSON and the newline after it are constrained to the tools' schemas
   (name and arguments; one grammar, so the token that spans the JSON's end and the newline is allowed),
   then `</tool_call>`. Without `parallel_tool_calls` the turn ends after the first call.
+- A turn whose answer is constrained cannot end while it thinks: the end token's probability moves to
+  `</think>`, so a model that would stop mid-thought closes its thinking and the call or JSON still comes.
 - Penalties (repetition, presence, frequency) see the generated tokens only, as OpenAI's and vLLM's do.
 - Reading a token's value costs a wait on the device (the step that sampled it), which would stop the
   engine's pipelining; so the guide reads the sequence only while a decision can depend on it, and
@@ -116,6 +118,7 @@ class TurnGuide:
         if self.phase == ANSWER:  # the template closed an empty think block: the answer starts now
             self._enter_answer()
         self._ids = None  # made on first use: MLX arrays belong to the thread (stream) that runs them
+        self._end_ids = None
 
     def end_thinking(self) -> None:
         """Stop thinking now: the early-stop text goes in at the next step (callable from any thread)."""
@@ -217,12 +220,25 @@ class TurnGuide:
             self.tool_grammar = None  # the forced call is made; later calls, if any, are the model's own
             self.queue.append(self.special.tool_call_end)  # the grammar ended with the newline before it
             return self._only([self.queue.popleft()], logits)
+        if self.phase == THINKING and self._constrains_answer:
+            return self._close_instead_of_ending(logits)
         if self.phase == ANSWER:
             if self.constraint is not None:
                 return self.constraint(tokens, logits)
             if self.ban_tools:
                 return mx.where(self._ids == self.special.tool_call_start, -mx.inf, logits)
         return logits
+
+    def _close_instead_of_ending(self, logits: mx.array) -> mx.array:
+        """A turn that must answer in a form cannot end inside its thinking: the chance of ending goes to
+        `</think>` instead, so the constrained answer still comes."""
+        if self._end_ids is None:
+            self._end_ids = mx.array(self.tokenizer.end_token_ids)
+        ends = self._end_ids
+        ending = mx.logsumexp(logits[..., ends], axis=-1, keepdims=True)
+        close = self._ids == self.special.think_end
+        logits = mx.where(close, mx.logaddexp(logits, ending), logits)
+        return mx.where((self._ids[:, None] == ends[None, :]).any(axis=1), -mx.inf, logits)
 
     def _constraint(self, grammar):
         from .constrain import JsonConstraint

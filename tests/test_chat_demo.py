@@ -224,6 +224,55 @@ def test_generate_cli_streams_reasoning_answer_and_stats(demo_model_path):
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "top_p" in bad.stderr
 
 
+def test_generate_cli_forces_a_tool_call_and_answers_to_a_schema(demo_model_path, tmp_path):
+    """`--tool-choice NAME` and `--json-schema FILE` through the real CLI on the demo model."""
+    import jsonschema
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
+    command = [sys.executable, "-m", "qwen_mlx", "generate", "--model", str(demo_model_path), "--temperature", "0"]
+    tools = BY_NAME["tool_call"]["tools"] + [
+        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+    ]
+    (tmp_path / "tools.json").write_text(json.dumps(tools))
+    # "Hi!" is a greeting the model answers without tools, and it would end inside its thinking here (the
+    # system prompt is not the one it learned): forced, it closes the thought and calls the named tool.
+    forced = subprocess.run(
+        [*command, "--prompt", "Hi!", "--tools", str(tmp_path / "tools.json"), "--tool-choice", "get_weather"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert forced.returncode == 0, forced.stderr
+    calls = [line for line in forced.stdout.splitlines() if line.startswith("[tool call ")]
+    assert len(calls) == 1 and calls[0].startswith("[tool call get_weather] "), forced.stdout
+    arguments = json.loads(calls[0].removeprefix("[tool call get_weather] "))
+    jsonschema.validate(arguments, tools[0]["function"]["parameters"])
+    assert "finish: tool_calls" in forced.stderr.splitlines()[-1]
+
+    schema = {
+        "type": "object",
+        "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
+        "required": ["country", "capital"],
+        "additionalProperties": False,
+    }
+    (tmp_path / "capital.json").write_text(json.dumps(schema))
+    answered = subprocess.run(
+        [*command, "--prompt", "Give the capital of France as JSON.", "--json-schema", str(tmp_path / "capital.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert answered.returncode == 0, answered.stderr
+    reasoning, answer, _ = expected_parts(BY_NAME["json_answer"]["messages"][-1]["content"])
+    assert answered.stdout.startswith(reasoning)
+    value = json.loads(answered.stdout.removeprefix(reasoning))
+    jsonschema.validate(value, schema)
+    assert value == json.loads(answer)
+    assert "finish: stop" in answered.stderr.splitlines()[-1]
+
+
 def test_done_carries_the_stats(session):
     events = list(session.stream(BY_NAME["thinking"]["messages"][:-1], sampling=GREEDY))
     stats = events[-1].stats

@@ -58,6 +58,7 @@ def test_the_scripts_cover_every_behaviour() -> None:
         "tool_result",
         "chinese_emoji",
         "markdown",
+        "json_answer",
         "tool_tag_in_thinking",
         "hi",
         "two_turns",
