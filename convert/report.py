@@ -33,6 +33,7 @@ from typing import Any
 import mlx.core as mx
 from tokenizers import Tokenizer
 
+from qwen_mlx.cache import make_cache
 from qwen_mlx.model import Model
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.txt")
@@ -62,7 +63,7 @@ def next_token_logprobs(model: Model, ids: Sequence[int], chunk_size: int = CHUN
         raise ValueError("next_token_logprobs needs at least one token id")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    cache = model.make_cache()
+    cache = make_cache(model)
     chunks = []
     for start in range(0, len(ids), chunk_size):
         logits = model(mx.array([list(ids[start : start + chunk_size])]), cache)[0].astype(mx.float32)

@@ -136,6 +136,7 @@ def stop_ranks(process) -> None:
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 NODE_EXIT = re.compile(r"\[WARN\] Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
+PEER_ENDED = "stopped: another rank of the distributed run ended"
 RANK_LINE = re.compile(r"^qwen-mlx: (?:error \(rank (\d+)\)|error|rank (\d+)): (.*)$")
 
 
@@ -150,6 +151,7 @@ class Relay:
         self.leader_said: set[str] = set()
         self.held: dict[str, str] = {}  # a follower's message -> its first line
         self.leader_exit: int | None = None  # rank 0's exit code, when `mlx.launch` reported a failure
+        self.leader_stopped: str | None = None  # rank 0 ended because another rank did
 
     def clean(self, line: str) -> str | None:
         plain = ANSI.sub("", line).rstrip("\n")
@@ -166,15 +168,23 @@ class Relay:
             return f"qwen-mlx: rank {found[1]} was ended by {how}\n"
         if found := RANK_LINE.match(plain):
             rank, message = found[1] or found[2] or "0", found[3]
+            line = line if line.endswith("\n") else line + "\n"
             if rank != "0":
-                self.held.setdefault(message, line if line.endswith("\n") else line + "\n")
+                self.held.setdefault(message, line)
+                return None
+            if message.startswith(PEER_ENDED):  # an effect: said only if no rank gives the cause
+                self.leader_stopped = self.leader_stopped or line
                 return None
             self.leader_said.add(message)
         return line
 
     def rest(self) -> list[str]:
-        """The followers' own failures, at the end of the run."""
-        return [line for message, line in self.held.items() if message not in self.leader_said]
+        """The followers' own failures at the end of the run, or rank 0's "another rank ended" if none."""
+        causes = [line for message, line in self.held.items() if message not in self.leader_said]
+        causes = [line for line in causes if PEER_ENDED not in line] or causes
+        if not causes and not self.leader_said and self.leader_stopped:
+            return [self.leader_stopped]
+        return causes
 
     def lines(self, lines) -> list[str]:
         kept = [kept for line in lines if (kept := self.clean(line)) is not None]

@@ -153,6 +153,7 @@ def report_status(status: int) -> None:
 
 
 def on_terminate(signum, frame) -> None:  # noqa: ARG001
+    # launch.PEER_ENDED matches this text: the launcher shows it only when no rank says why.
     stop("stopped: another rank of the distributed run ended, or the run was interrupted", 1)
 
 
