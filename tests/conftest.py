@@ -31,6 +31,23 @@ CheckpointFactory = Callable[[str], Path]
 TorchLogits = Callable[[Path, Sequence[Sequence[int]]], np.ndarray]
 
 
+# The quick tier (`python -m pytest -m "not slow"`) leaves out what trains the demo model (about 40 s, then
+# end-to-end turns on it), runs several processes (ranks, servers under load, tmux), or fuzzes the endpoint.
+SLOW_FIXTURES = {"demo_model_path"}
+SLOW_MODULES = {"test_distributed", "test_app_tmux", "test_app_snapshots", "test_serve_load", "test_serve_schema"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: left out of the quick tier (python -m pytest -m 'not slow')")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFactory:
     """`checkpoint("dense_tied") -> Path`: builds a variant on first request, then reuses it."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,18 @@ def test_nothing_reads_attributes_off_a_model(attribute: str) -> None:
             ):
                 offenders.append(f"{name}:{node.lineno}")
     assert offenders == []
+
+
+def test_the_readme_layout_names_every_module() -> None:
+    """A newcomer finds any module from the README's layout table in one step."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([^`]+)`", layout))
+    modules = [
+        path.relative_to(ROOT).as_posix()
+        for folder in PACKAGES.values()
+        for path in sorted(folder.rglob("*.py"))
+        if not path.name.startswith("__")
+    ]
+    missing = [module for module in modules if module not in named]
+    assert not missing, f"add these to the README's layout table: {missing}"
