@@ -81,15 +81,17 @@ class StopStrings:
         self.stops = [s for s in stops if s]
         self.pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, text: str) -> str:
         """Return the text that is safe to emit now."""
         if not self.stops:
             return text
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, stop) for stop in self.stops if (i := self.pending.find(stop)) >= 0]
         if hits:
-            out, self.pending, self.stopped = self.pending[: min(hits)], "", True
+            at, self.matched = min(hits, key=lambda hit: hit[0])
+            out, self.pending, self.stopped = self.pending[:at], "", True
             return out
         hold = 0
         for stop in self.stops:
@@ -127,6 +129,11 @@ class ReplyParser:
     def stopped(self) -> bool:
         """A stop string was found: the caller should end the generation."""
         return self._stops.stopped
+
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop string that ended the reply, if one did."""
+        return self._stops.matched
 
     def feed(self, token: int, text: str) -> list[Event]:
         special = self.special

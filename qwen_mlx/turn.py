@@ -52,6 +52,7 @@ class ChatStats(Stats):
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     thinking: bool = True  # the mode the turn ran in, soft switches applied
+    stop_sequence: str | None = None  # the stop string that ended the reply (finish_reason "stop")
 
 
 @dataclass(frozen=True)
@@ -344,5 +345,6 @@ class TurnReader:
         stats = self.stats
         stats.finish_reason = finish
         stats.reasoning_tokens = self.parser.reasoning_tokens if self.plan.chat else 0
+        stats.stop_sequence = self.parser.stop_sequence if self.plan.chat else self.stops.matched
         stats.measure(self.started, self.first_token_at, time.perf_counter())
         return events, stats

@@ -141,7 +141,7 @@ def test_stop_string_cuts_the_answer_and_is_never_emitted(tokenizer):
     reply = gather(events)
     assert reply.reasoning == "END is a word"  # stops apply to the answer only
     assert reply.answer == "Count: 1, 2, 3 "
-    assert parser.stopped
+    assert parser.stopped and parser.stop_sequence == "END"
 
 
 def test_partial_stop_string_is_held_back_then_released():
@@ -157,7 +157,12 @@ def test_stop_string_split_across_pieces():
     stops = StopStrings(["STOP", "\n\n"])
     emitted = [stops.feed(piece) for piece in ["one S", "T", "OP two"]]
     assert emitted == ["one ", "", ""]
-    assert stops.stopped
+    assert stops.stopped and stops.matched == "STOP"
+
+
+def test_the_earliest_stop_string_is_the_one_matched():
+    stops = StopStrings(["two", "one"])
+    assert stops.feed("zero one two") == "zero " and stops.matched == "one"
     stops = StopStrings(["STOP", "\n\n"])
     assert stops.feed("a\n") == "a" and stops.feed("\nb") == "" and stops.stopped
 
