@@ -32,37 +32,21 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import ContextLengthExceeded, Overloaded, QwenMLXError
 from .parser import Answer, Reasoning, ToolCall, ToolCallError
 from .protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from .sampling import Sampling
-from .scheduler import Failed, Finished, Scheduler, Step, Ticket
+from .scheduler import Failed, Finished, Scheduler, Ticket
 from .turn import TurnOptions, TurnPlan, Turns
+from .wire import APIError, error_body, error_response, gather, sse
 
 # reasoning_effort -> thinking budget in tokens (None: no budget); "none" turns thinking off.
 EFFORT_BUDGETS = {"minimal": 256, "low": 1024, "medium": 8192, "high": None, "xhigh": None}
 REASONING_FIELDS = ("reasoning_content", "reasoning", "think")
 DEFAULT_MAX_BODY = 16 << 20
-DISCONNECT_POLL_S = 0.5
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param=None, code=None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-
-def error_body(message: str, type: str = "invalid_request_error", param=None, code=None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def error_response(status: int, message: str, type: str = "invalid_request_error", param=None, code=None):
-    return JSONResponse(error_body(message, type, param, code), status_code=status)
 
 
 class Guard:
@@ -83,9 +67,9 @@ class Guard:
                 given = auth[7:].strip()
             if not secrets.compare_digest(given.encode(), self.api_key.encode()):
                 message = "Incorrect API key provided" if given else "Missing API key: send Authorization: Bearer KEY"
-                return await error_response(401, message, "authentication_error", code="invalid_api_key")(
-                    scope, receive, send
-                )
+                path = scope["path"]
+                refused = error_response(401, message, "authentication_error", code="invalid_api_key", path=path)
+                return await refused(scope, receive, send)
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
             return await self._too_large(scope, receive, send)
@@ -115,7 +99,7 @@ class Guard:
 
     async def _too_large(self, scope, receive, send):
         message = f"the request body is larger than {self.max_body} bytes"
-        await error_response(413, message, code="request_too_large")(scope, receive, send)
+        await error_response(413, message, code="request_too_large", path=scope["path"])(scope, receive, send)
 
 
 @dataclass
@@ -278,38 +262,39 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        return error_response(e.status, e.message, e.type, e.param, e.code)
+        return error_response(e.status, e.message, e.type, e.param, e.code, path=request.url.path)
 
     @app.exception_handler(Overloaded)
     async def _overloaded(request: Request, e: Overloaded):
-        return error_response(429, str(e), "rate_limit_error", code="server_busy")
+        return error_response(429, str(e), "rate_limit_error", code="server_busy", path=request.url.path)
 
     @app.exception_handler(QwenMLXError)
     async def _bad_request(request: Request, e: QwenMLXError):
         code = "context_length_exceeded" if isinstance(e, ContextLengthExceeded) else None
-        return error_response(400, str(e), param=e.param, code=code)
+        return error_response(400, str(e), param=e.param, code=code, path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
         where = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
-            return error_response(400, "the request body is not valid JSON", code="invalid_json")
+            return error_response(400, "the request body is not valid JSON", code="invalid_json", path=request.url.path)
         param = ".".join(where) or None
         message = first.get("msg", "invalid request")
-        return error_response(400, f"{param}: {message}" if param else message, param=param)
+        return error_response(400, f"{param}: {message}" if param else message, param=param, path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
         if e.status_code == 404:
-            return error_response(404, f"no route {request.method} {request.url.path}", code="unknown_url")
+            where = request.url.path
+            return error_response(404, f"no route {request.method} {where}", code="unknown_url", path=where)
         if e.status_code == 400:  # FastAPI's own body parsing gave up: bad UTF-8, nesting too deep
-            return error_response(400, "the request body is not valid JSON", code="invalid_json")
-        return error_response(e.status_code, str(e.detail))
+            return error_response(400, "the request body is not valid JSON", code="invalid_json", path=request.url.path)
+        return error_response(e.status_code, str(e.detail), path=request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):
-        return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+        return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error", path=request.url.path)
 
     def check_model(name: str | None) -> None:
         if name and name not in names:
@@ -365,7 +350,7 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
             for ticket in tickets:
                 scheduler.done(ticket)
             raise
-        results = await asyncio.gather(*(_gather(scheduler, t, request) for t in tickets))
+        results = await asyncio.gather(*(gather(scheduler, t, request) for t in tickets))
         choices, total = [], None
         for index, ((events, entries, stats), turn) in enumerate(zip(results, turns, strict=True)):
             text = _echo(scheduler, turn, body.echo) + "".join(e.text for e in events if isinstance(e, Answer))
@@ -426,38 +411,8 @@ def _legacy_logprobs(entries) -> dict:
     }
 
 
-async def _gather(scheduler: Scheduler, ticket: Ticket, request: Request):
-    """A whole non-streamed turn: (events, logprob entries, stats); frees the slot if the client leaves.
-
-    The connection is looked at every `DISCONNECT_POLL_S`, whether tokens keep coming or not.
-    """
-    events, entries = [], []
-    checked = time.monotonic()
-    try:
-        while True:
-            try:
-                update = await asyncio.wait_for(ticket.updates.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                update = None
-            if update is None or time.monotonic() - checked > DISCONNECT_POLL_S:
-                checked = time.monotonic()
-                if await request.is_disconnected():
-                    raise APIError(499, "the client closed the request")
-                if update is None:
-                    continue
-            if isinstance(update, Step):
-                events.extend(update.events)
-                entries.extend(update.logprobs or [])
-            elif isinstance(update, Failed):
-                raise APIError(500, update.error, "server_error")
-            elif isinstance(update, Finished):
-                return events, entries, update.stats
-    finally:
-        scheduler.done(ticket)
-
-
 async def _chat_whole(scheduler: Scheduler, ticket: Ticket, request: Request, meta: dict, field: str) -> dict:
-    events, entries, stats = await _gather(scheduler, ticket, request)
+    events, entries, stats = await gather(scheduler, ticket, request)
     reasoning = "".join(e.text for e in events if isinstance(e, Reasoning))
     answer = ""
     calls = []
@@ -485,10 +440,6 @@ async def _chat_whole(scheduler: Scheduler, ticket: Ticket, request: Request, me
     return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage(stats)}
 
 
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
 async def _chat_stream(
     scheduler: Scheduler, ticket: Ticket, meta: dict, field: str, include_usage: bool
 ) -> AsyncIterator[str]:
@@ -497,14 +448,14 @@ async def _chat_stream(
 
     def chunk(delta: dict, finish: str | None = None, logprobs=None) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return _sse({**base, "choices": [choice], **({"usage": None} if include_usage else {})})
+        return sse({**base, "choices": [choice], **({"usage": None} if include_usage else {})})
 
     try:
         yield chunk({"role": "assistant", "content": ""})
         calls = 0
         async for update in ticket:
             if isinstance(update, Failed):
-                yield _sse(error_body(update.error, "server_error"))
+                yield sse(error_body(update.error, "server_error"))
                 break
             if isinstance(update, Finished):
                 closing = out.close()
@@ -512,7 +463,7 @@ async def _chat_stream(
                     yield chunk(closing)
                 yield chunk({}, update.stats.finish_reason)
                 if include_usage:
-                    yield _sse({**base, "choices": [], "usage": usage(update.stats)})
+                    yield sse({**base, "choices": [], "usage": usage(update.stats)})
                 break
             logprobs = {"content": chat_logprobs(update.logprobs)} if update.logprobs else None
             for event in update.events:
@@ -545,19 +496,19 @@ async def _completion_stream(
     base = {**meta, "object": "text_completion"}
 
     def chunk(text: str, finish: str | None = None, logprobs=None) -> str:
-        return _sse({**base, "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
+        return sse({**base, "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
 
     try:
         if echo:
             yield chunk(echo)
         async for update in ticket:
             if isinstance(update, Failed):
-                yield _sse(error_body(update.error, "server_error"))
+                yield sse(error_body(update.error, "server_error"))
                 break
             if isinstance(update, Finished):
                 yield chunk("", update.stats.finish_reason)
                 if include_usage:
-                    yield _sse({**base, "choices": [], "usage": usage(update.stats)})
+                    yield sse({**base, "choices": [], "usage": usage(update.stats)})
                 break
             text = "".join(e.text for e in update.events if isinstance(e, Answer))
             logprobs = _legacy_logprobs(update.logprobs) if update.logprobs is not None else None
