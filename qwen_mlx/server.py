@@ -35,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import anthropic_api
 from .errors import ContextLengthExceeded, Overloaded, QwenMLXError
 from .parser import Answer, Reasoning, ToolCall, ToolCallError
 from .protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice
@@ -365,6 +366,8 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
             total = usage(stats) if total is None else _add_usage(total, usage(stats))
         return {**meta, "object": "text_completion", "choices": choices, "usage": total}
 
+    # The other protocols, over the same scheduler and the same turn pipeline.
+    anthropic_api.add_routes(app, scheduler, settings, check_model)
     return app
 
 
