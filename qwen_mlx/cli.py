@@ -264,16 +264,18 @@ def serve(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting,
         prefill_step_size=args.prefill_step_size,
     )
-    print(f"qwen-mlx: loading {args.model}", file=sys.stderr, flush=True)
-    scheduler.start()
-    path = scheduler.loaded.path
     model_id = args.model_name or (
         args.model if not os.path.isdir(args.model) else os.path.basename(os.path.abspath(args.model))
     )
+    patterns = alias_patterns(args.alias or (), Settings(model_id=model_id, aliases=(args.model,)))
+    print(f"qwen-mlx: loading {args.model}", file=sys.stderr, flush=True)
+    scheduler.start()
+    path = scheduler.loaded.path
     settings = Settings(
         model_id=model_id,
         aliases=(args.model, str(path), os.path.basename(str(path))),
         reasoning_field=args.reasoning_field,
+        patterns=tuple(patterns),
     )
     app = create_app(scheduler, settings, api_key=api_key, cors_origins=args.cors_origin or (),
                      max_body=args.max_body_mb << 20)  # fmt: skip
@@ -285,6 +287,19 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         scheduler.stop()
     return 0
+
+
+def alias_patterns(aliases, settings) -> list[str]:
+    """`--alias NAME` or `--alias NAME=MODEL`, checked: MODEL must be the one model this server serves."""
+    patterns = []
+    for alias in aliases:
+        name, _, target = alias.partition("=")
+        if not name:
+            raise QwenMLXError(f"--alias {alias!r} needs a name (or a pattern such as 'claude-*')")
+        if target and not settings.serves(target):
+            raise QwenMLXError(f"--alias {alias}: this server serves {settings.model_id!r}, not {target!r}")
+        patterns.append(name)
+    return patterns
 
 
 def chat(args: argparse.Namespace) -> int:
@@ -407,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where thinking goes: reasoning_content (default), reasoning, or think (inline <think> text)",
     )
     srv.add_argument("--model-name", help="the id /v1/models reports (default: the --model argument)")
+    srv.add_argument(
+        "--alias",
+        action="append",
+        metavar="NAME",
+        help="also answer to NAME (or NAME=MODEL); glob patterns allowed, e.g. 'claude-*' for Claude Code (repeatable)",
+    )
     srv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     srv.add_argument("--max-waiting", type=int, default=32, help="requests queued beyond those; more get 429")
     srv.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per step (default 512)")

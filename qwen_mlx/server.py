@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -106,8 +107,13 @@ class Guard:
 @dataclass
 class Settings:
     model_id: str
-    aliases: Sequence[str] = ()
+    aliases: Sequence[str] = ()  # other names of the served model: its folder, its --model argument
     reasoning_field: str = "reasoning_content"
+    patterns: Sequence[str] = ()  # --alias: glob patterns of names agents ask for (`claude-*`, `gpt-5*`)
+
+    def serves(self, name: str) -> bool:
+        """Whether a request naming `name` gets the served model."""
+        return name == self.model_id or name in self.aliases or any(fnmatchcase(name, p) for p in self.patterns)
 
 
 def _effort(body: ChatCompletionRequest) -> tuple[bool, int | None]:
@@ -259,7 +265,6 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(Guard, api_key=api_key, max_body=max_body)
-    names = {settings.model_id, *settings.aliases}
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -298,8 +303,9 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
         return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error", path=request.url.path)
 
     def check_model(name: str | None) -> None:
-        if name and name not in names:
-            raise APIError(404, f"The model {name!r} does not exist; this server serves {settings.model_id!r}",
+        if name and not settings.serves(name):
+            hint = " (serve with --alias NAME to answer to it)"
+            raise APIError(404, f"The model {name!r} does not exist; this server serves {settings.model_id!r}{hint}",
                            param="model", code="model_not_found")  # fmt: skip
 
     @app.get("/health")

@@ -8,10 +8,13 @@ The current SDK sends `temperature` only through `extra_body`.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import anthropic
 import httpx
 import pytest
+from conftest import running_server
 from openai import OpenAI
 
 from qwen_mlx.demo import SCRIPTS
@@ -220,3 +223,35 @@ def test_errors_come_in_anthropics_shape(client, demo_server):
         raw = httpx.post(f"{demo_server}/v1/messages", content=body if isinstance(body, str) else json.dumps(body))
         assert raw.status_code == 400 and raw.json()["type"] == "error", raw.text
         assert raw.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_alias_patterns_answer_to_the_names_agents_send(demo_model_path):
+    """Claude Code asks for claude-* names: `--alias 'claude-*'` maps them; other names keep their 404."""
+    with running_server(demo_model_path, "--model-name", "demo", "--alias", "claude-*") as url:
+        client = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=TIMEOUT_S)
+        message = client.messages.create(model="claude-sonnet-4-5", max_tokens=200, messages=user("thinking"), **GREEDY)
+        assert parts(message)[1] == "2 + 3 = **5**." and message.model == "claude-sonnet-4-5"
+        with pytest.raises(anthropic.NotFoundError, match="--alias"):
+            client.messages.create(model="gpt-5", max_tokens=10, messages=user("thinking"))
+
+
+def test_an_alias_for_another_model_is_refused_before_loading(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwen_mlx",
+            "serve",
+            "--model",
+            str(tmp_path),
+            "--port",
+            "0",
+            "--alias",
+            "claude-*=other",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "serves" in done.stderr and "'other'" in done.stderr
