@@ -308,7 +308,7 @@ def add_routes(app, scheduler: Scheduler, settings, check_model) -> None:
             "model": body.model,
         }
         if body.stream:
-            stream = _message_stream(scheduler, ticket, message)
+            stream = _message_stream(scheduler, ticket, message, settings.keepalive_s)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         events, _, stats = await gather(scheduler, ticket, request)
         reason, sequence = stop_reason(stats)
@@ -326,7 +326,9 @@ def add_routes(app, scheduler: Scheduler, settings, check_model) -> None:
         return {"input_tokens": await asyncio.to_thread(count_tokens, scheduler.turns, body)}
 
 
-async def _message_stream(scheduler: Scheduler, ticket: Ticket, message: dict) -> AsyncIterator[str]:
+async def _message_stream(
+    scheduler: Scheduler, ticket: Ticket, message: dict, keepalive_s: float
+) -> AsyncIterator[str]:
     def event(kind: str, **payload) -> str:
         return sse({"type": kind, **payload}, event=kind)
 
@@ -358,7 +360,7 @@ async def _message_stream(scheduler: Scheduler, ticket: Ticket, message: dict) -
         head["usage"] = {"input_tokens": prompt, "output_tokens": 0, "cache_read_input_tokens": 0}
         yield event("message_start", message=head)
         yield event("ping")
-        async for update in updates(ticket):
+        async for update in updates(ticket, keepalive_s):
             if update is None:  # a long prefill: keep the client's read timeout from firing
                 yield event("ping")
                 continue

@@ -246,6 +246,8 @@ def serve(args: argparse.Namespace) -> int:
     for name in ("max_batch", "prefill_step_size"):
         if getattr(args, name) < 1:
             raise QwenMLXError(f"--{name.replace('_', '-')} must be at least 1")
+    if not args.keepalive > 0:
+        raise QwenMLXError("--keepalive must be a number of seconds above 0")
     if args.max_waiting < 0:  # 0 is no queue: a request beyond --max-batch gets 429 at once
         raise QwenMLXError("--max-waiting must be at least 0")
     if getattr(args, "distributed", None) and os.environ.get("MLX_RANK") != "0":
@@ -276,6 +278,7 @@ def serve(args: argparse.Namespace) -> int:
         aliases=(args.model, str(path), os.path.basename(str(path))),
         reasoning_field=args.reasoning_field,
         patterns=tuple(patterns),
+        keepalive_s=args.keepalive,
     )
     app = create_app(scheduler, settings, api_key=api_key, cors_origins=args.cors_origin or (),
                      max_body=args.max_body_mb << 20)  # fmt: skip
@@ -422,6 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where thinking goes: reasoning_content (default), reasoning, or think (inline <think> text)",
     )
     srv.add_argument("--model-name", help="the id /v1/models reports (default: the --model argument)")
+    srv.add_argument(
+        "--keepalive",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds without a token (a long prefill) before a stream sends a keep-alive (default 10)",
+    )
     srv.add_argument(
         "--alias",
         action="append",

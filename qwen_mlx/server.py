@@ -43,10 +43,11 @@ from .protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from .sampling import Sampling
 from .scheduler import Failed, Finished, Scheduler, Ticket
 from .turn import TurnOptions, TurnPlan, Turns
-from .wire import APIError, error_body, error_response, gather, sse
+from .wire import KEEPALIVE_S, APIError, error_body, error_response, gather, sse, updates
 
 # reasoning_effort -> thinking budget in tokens (None: no budget); "none" turns thinking off.
 EFFORT_BUDGETS = {"minimal": 256, "low": 1024, "medium": 8192, "high": None, "xhigh": None}
+KEEPALIVE = ": keep-alive\n\n"
 REASONING_FIELDS = ("reasoning_content", "reasoning", "think")
 DEFAULT_MAX_BODY = 16 << 20
 
@@ -110,6 +111,7 @@ class Settings:
     aliases: Sequence[str] = ()  # other names of the served model: its folder, its --model argument
     reasoning_field: str = "reasoning_content"
     patterns: Sequence[str] = ()  # --alias: glob patterns of names agents ask for (`claude-*`, `gpt-5*`)
+    keepalive_s: float = KEEPALIVE_S  # a stream's keep-alive after this long without a token
 
     def serves(self, name: str) -> bool:
         """Whether a request naming `name` gets the served model."""
@@ -329,7 +331,7 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_id}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = _chat_stream(scheduler, ticket, meta, settings.reasoning_field, include_usage)
+            stream = _chat_stream(scheduler, ticket, meta, settings, include_usage)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await _chat_whole(scheduler, ticket, request, meta, settings.reasoning_field)
 
@@ -347,7 +349,7 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
             ticket = scheduler.submit(turns[0])
             echo = _echo(scheduler, turns[0], body.echo)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = _completion_stream(scheduler, ticket, meta, echo, include_usage)
+            stream = _completion_stream(scheduler, ticket, meta, echo, include_usage, settings.keepalive_s)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         tickets = []
         try:
@@ -450,9 +452,9 @@ async def _chat_whole(scheduler: Scheduler, ticket: Ticket, request: Request, me
 
 
 async def _chat_stream(
-    scheduler: Scheduler, ticket: Ticket, meta: dict, field: str, include_usage: bool
+    scheduler: Scheduler, ticket: Ticket, meta: dict, settings: Settings, include_usage: bool
 ) -> AsyncIterator[str]:
-    out = ReasoningOut(field)
+    out = ReasoningOut(settings.reasoning_field)
     base = {**meta, "object": "chat.completion.chunk"}
 
     def chunk(delta: dict, finish: str | None = None, logprobs=None) -> str:
@@ -462,7 +464,10 @@ async def _chat_stream(
     try:
         yield chunk({"role": "assistant", "content": ""})
         calls = 0
-        async for update in ticket:
+        async for update in updates(ticket, settings.keepalive_s):
+            if update is None:  # a long prefill: an SSE comment keeps the client's read timeout from firing
+                yield KEEPALIVE
+                continue
             if isinstance(update, Failed):
                 yield sse(error_body(update.error, "server_error"))
                 break
@@ -500,7 +505,7 @@ async def _chat_stream(
 
 
 async def _completion_stream(
-    scheduler: Scheduler, ticket: Ticket, meta: dict, echo: str, include_usage: bool
+    scheduler: Scheduler, ticket: Ticket, meta: dict, echo: str, include_usage: bool, keepalive_s: float
 ) -> AsyncIterator[str]:
     base = {**meta, "object": "text_completion"}
 
@@ -510,7 +515,10 @@ async def _completion_stream(
     try:
         if echo:
             yield chunk(echo)
-        async for update in ticket:
+        async for update in updates(ticket, keepalive_s):
+            if update is None:
+                yield KEEPALIVE
+                continue
             if isinstance(update, Failed):
                 yield sse(error_body(update.error, "server_error"))
                 break

@@ -255,3 +255,16 @@ def test_an_alias_for_another_model_is_refused_before_loading(tmp_path):
     )
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert "serves" in done.stderr and "'other'" in done.stderr
+
+
+def test_a_long_prefill_streams_keepalives_in_both_protocols(demo_model_path):
+    """While a long prompt is prefilled no token comes: the stream still talks (an SSE comment; a ping)."""
+    long_prompt = [{"role": "user", "content": "word " * 3000 + "What is 2 + 3?"}]
+    with running_server(demo_model_path, "--model-name", "demo", "--keepalive", "0.05") as url:
+        body = {"model": "demo", "max_tokens": 2, "messages": long_prompt, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/messages", json=body, timeout=TIMEOUT_S) as response:
+            named = [line.removeprefix("event: ") for line in response.iter_lines() if line.startswith("event: ")]
+        assert named.count("ping") >= 2 and named[-1] == "message_stop", named  # after message_start, and the prefill's
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=TIMEOUT_S) as response:
+            lines = [line for line in response.iter_lines() if line]
+        assert ": keep-alive" in lines[: lines.index("data: [DONE]")], lines[:5]
