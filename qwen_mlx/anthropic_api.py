@@ -39,13 +39,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from .parser import Answer, Reasoning, ToolCall, ToolCallError
 from .sampling import Sampling
 from .scheduler import Failed, Finished, Scheduler, Ticket
-from .turn import TurnOptions, TurnPlan, Turns
+from .turn import EFFORT_BUDGETS, TurnOptions, TurnPlan, Turns
 from .wire import APIError, gather, sse, updates
 
 log = logging.getLogger("qwen_mlx.serve")
 
-# output_config.effort -> thinking budget (None: unbounded), as `reasoning_effort` on Chat Completions.
-EFFORT_BUDGETS = {"low": 1024, "medium": 8192, "high": None, "xhigh": None, "max": None}
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
 
@@ -69,7 +67,7 @@ class Block(BaseModel):
 
 
 class InputMessage(_Body):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # Claude Code puts system reminders between turns
     content: str | list[Block]
 
 
@@ -154,6 +152,9 @@ def template_messages(system, messages: list[InputMessage]) -> list[dict]:
     for i, message in enumerate(messages):
         where = f"messages.{i}.content"
         blocks = [Block(type="text", text=message.content)] if isinstance(message.content, str) else message.content
+        if message.role == "system":
+            out.append({"role": "system", "content": _text(blocks, where)})
+            continue
         if message.role == "user":
             text = []
             for block in blocks:

@@ -1,20 +1,24 @@
-"""`qwen-mlx serve`: a local OpenAI-compatible endpoint for LM-Studio-style clients, right about Qwen3.
+"""`qwen-mlx serve`: a local endpoint for LM-Studio-style clients and coding agents, right about Qwen3.
 
-Routes: `GET /v1/models`, `POST /v1/chat/completions` (SSE when `stream`), `POST /v1/completions`,
-`GET /health`, and FastAPI's `/openapi.json`. The handlers only validate, render and format: every
-token comes from the `Scheduler`'s MLX thread, which batches concurrent requests.
+This module owns the app (`create_app`), the OpenAI Chat Completions and Completions routes, `GET /v1/models`,
+`GET /health`, the API key and body cap (`Guard`), and binding. The other protocols' routes are added by
+their modules over the same scheduler: `responses_api` (OpenAI Responses), `anthropic_api` (Anthropic
+Messages), `ollama_api` (Ollama); what they share is `wire`. The handlers only validate, plan and format:
+every token comes from the `Scheduler`'s MLX thread, which batches concurrent requests of every protocol.
 
 Design decisions:
 - Thinking: reasoning goes out in `reasoning_content` (or `reasoning`, or inline `<think>` text, per
   `--reasoning-field`); incoming assistant turns may carry `reasoning_content`, `reasoning` or
   `thinking`, and it reaches the template (multi-step tool use in thinking mode needs it). Switched by
   `chat_template_kwargs.enable_thinking`, then top-level `enable_thinking`, then `reasoning_effort`
-  (`none` is off; `minimal`/`low`/`medium` are thinking budgets, `high`/`xhigh` unbounded).
-- Errors are OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the status a client
-  expects (400 bad JSON or values and context overflow, 401, 404, 413, 429); nothing a request sends
-  reaches a traceback.
+  (`none` is off; the others are `turn.EFFORT_BUDGETS`, shared by every protocol).
+- Errors are each protocol's shape (OpenAI's `{"error": {"message", "type", "param", "code"}}` here), with
+  the status a client expects (400 bad JSON or values and context overflow, 401, 404, 413, 429); nothing a
+  request sends reaches a traceback.
+- Model names: the served id, its folder and `--model` argument, and `--alias` glob patterns (agents ask
+  for `claude-*` and `gpt-*`); anything else is a 404 that says how to alias it.
 - Safe by default: loopback only unless `--api-key` is set; the key is checked on every route but
-  `/health` (Bearer or `x-api-key`); request bodies are capped; CORS is off unless origins are given.
+  `/health` and `/` (Bearer or `x-api-key`); request bodies are capped; CORS is off unless origins are given.
 """
 
 from __future__ import annotations
@@ -36,18 +40,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import anthropic_api
+from . import anthropic_api, ollama_api, responses_api
 from .errors import ContextLengthExceeded, Overloaded, QwenMLXError
 from .parser import Answer, Reasoning, ToolCall, ToolCallError
 from .protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from .sampling import Sampling
 from .scheduler import Failed, Finished, Scheduler, Ticket
-from .turn import TurnOptions, TurnPlan, Turns
+from .turn import EFFORT_BUDGETS, TurnOptions, TurnPlan, Turns
 from .wire import KEEPALIVE_S, APIError, error_body, error_response, gather, sse, updates
 
-# reasoning_effort -> thinking budget in tokens (None: no budget); "none" turns thinking off.
-EFFORT_BUDGETS = {"minimal": 256, "low": 1024, "medium": 8192, "high": None, "xhigh": None}
 KEEPALIVE = ": keep-alive\n\n"
+# Answered without the API key: they say only that a server is up (clients probe `/` before they log in).
+OPEN_PATHS = ("/health", "/")
 REASONING_FIELDS = ("reasoning_content", "reasoning", "think")
 DEFAULT_MAX_BODY = 16 << 20
 
@@ -63,7 +67,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+        if self.api_key and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
             given = headers.get("x-api-key") or ""
             auth = headers.get("authorization", "")
             if auth[:7].lower() == "bearer ":
@@ -230,7 +234,9 @@ def chat_logprobs(entries) -> list[dict]:
 
 
 def tool_call_json(call: ToolCall, index: int | None = None) -> dict:
-    out = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
+    # Unescaped, as the model wrote it: a client sends it back, and the template prints it as it comes.
+    arguments = json.dumps(call.arguments, ensure_ascii=False)
+    out = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
     return out if index is None else {"index": index, **out}
 
 
@@ -323,6 +329,16 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
         check_model(model)
         return _model_card(settings.model_id, scheduler.context_length)
 
+    @app.get("/api/v0/models")
+    async def lmstudio_models() -> dict:
+        """LM Studio's native model list, which LM Studio clients read for the state and context."""
+        return {"object": "list", "data": [_lmstudio_card(settings.model_id, scheduler)]}
+
+    @app.get("/api/v0/models/{model:path}")
+    async def lmstudio_model(model: str) -> dict:
+        check_model(model)
+        return _lmstudio_card(settings.model_id, scheduler)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
@@ -376,6 +392,8 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
 
     # The other protocols, over the same scheduler and the same turn pipeline.
     anthropic_api.add_routes(app, scheduler, settings, check_model)
+    ollama_api.add_routes(app, scheduler, settings, check_model)
+    responses_api.add_routes(app, scheduler, settings, check_model)
     return app
 
 
@@ -390,6 +408,23 @@ def _model_card(model_id: str, context_length: int) -> dict:
     # OpenRouter's cards give it, to show how full the context is.
     card = {"id": model_id, "object": "model", "created": 0, "owned_by": "qwen-mlx"}
     return card | {"context_length": context_length}
+
+
+def _lmstudio_card(model_id: str, scheduler: Scheduler) -> dict:
+    config = scheduler.loaded.config
+    block = config.get("quantization") or {}
+    return {
+        "id": model_id,
+        "object": "model",
+        "type": "llm",
+        "publisher": "qwen-mlx",
+        "arch": config.get("model_type", "qwen3"),
+        "compatibility_type": "mlx",
+        "quantization": f"{block['bits']}bit" if "bits" in block else str(config.get("torch_dtype", "bf16")),
+        "state": "loaded",
+        "max_context_length": scheduler.context_length,
+        "loaded_context_length": scheduler.context_length,
+    }
 
 
 def _is_ids(prompt) -> bool:

@@ -37,6 +37,10 @@ from .sampling import Sampler, Sampling
 from .tokenizer import Tokenizer
 
 MAX_STOPS = 16
+# Effort levels, in every protocol's spelling (OpenAI's reasoning_effort and reasoning.effort, Anthropic's
+# output_config.effort, Ollama's think levels), as a thinking budget in tokens; None: unbounded. ("none",
+# where a protocol has it, turns thinking off instead.)
+EFFORT_BUDGETS = {"minimal": 256, "low": 1024, "medium": 8192, "high": None, "xhigh": None, "max": None}
 TOOL_CHOICES = ("auto", "none", "required")
 RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt", "enable_thinking")
 
