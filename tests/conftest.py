@@ -34,7 +34,14 @@ TorchLogits = Callable[[Path, Sequence[Sequence[int]]], np.ndarray]
 # The quick tier (`python -m pytest -m "not slow"`) leaves out what trains the demo model (about 40 s, then
 # end-to-end turns on it), runs several processes (ranks, servers under load, tmux), or fuzzes the endpoint.
 SLOW_FIXTURES = {"demo_model_path"}
-SLOW_MODULES = {"test_distributed", "test_app_tmux", "test_app_snapshots", "test_serve_load", "test_serve_schema"}
+SLOW_MODULES = {
+    "test_distributed",
+    "test_app_tmux",
+    "test_app_snapshots",
+    "test_serve_load",
+    "test_serve_schema",
+    "test_agents",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:

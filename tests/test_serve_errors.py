@@ -179,6 +179,19 @@ def test_health_needs_no_key(guarded_server: str):
     response = httpx.get(guarded_server + "/health", timeout=60)
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "ok"
+    # Clients probe the root before they send their key (Claude Code's HEAD /, Ollama apps' GET /).
+    assert httpx.head(guarded_server + "/", timeout=60).status_code == 200
+    assert httpx.get(guarded_server + "/api/tags", timeout=60).json() == {
+        "error": "Missing API key: send Authorization: Bearer KEY"
+    }
+
+
+def test_every_protocol_gets_its_own_401_shape(guarded_server: str):
+    anthropic = httpx.post(guarded_server + "/v1/messages", json={}, timeout=60)
+    assert anthropic.status_code == 401 and anthropic.json()["error"]["type"] == "authentication_error"
+    assert anthropic.json()["type"] == "error"
+    responses = httpx.post(guarded_server + "/v1/responses", json={}, timeout=60)
+    assert_error(responses, 401, "invalid_api_key")
 
 
 # 413

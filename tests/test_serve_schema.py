@@ -14,14 +14,27 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-MAX_EXAMPLES = {"GET": 10, "POST": 25}
+MAX_EXAMPLES = {"GET": 10, "DELETE": 10, "POST": 25}
 MAX_TOKENS = 4
 OPERATIONS = [
     ("GET", "/health"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{model}"),
+    ("GET", "/api/v0/models"),
+    ("GET", "/api/v0/models/{model}"),
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
+    ("POST", "/v1/messages"),
+    ("POST", "/v1/messages/count_tokens"),
+    ("POST", "/api/chat"),
+    ("POST", "/api/generate"),
+    ("GET", "/api/tags"),
+    ("POST", "/api/show"),
+    ("GET", "/api/ps"),
+    ("GET", "/api/version"),
+    ("POST", "/v1/responses"),
+    ("GET", "/v1/responses/{response_id}"),
+    ("DELETE", "/v1/responses/{response_id}"),
 ]
 
 
@@ -54,10 +67,16 @@ def test_no_server_errors(api_schema, method: str, path: str, mode: GenerationMo
         suppress_health_check=list(HealthCheck),
     )
     def check(case: schemathesis.Case) -> None:
-        if isinstance(case.body, dict) and path.endswith("completions"):
-            if "max_tokens" not in case.body or isinstance(case.body["max_tokens"], int):
-                case.body["max_tokens"] = MAX_TOKENS
-            case.body.pop("max_completion_tokens", None)
+        body = case.body
+        if isinstance(body, dict) and (path.endswith("completions") or path == "/v1/messages"):
+            if body.get("max_tokens") is None or isinstance(body["max_tokens"], int):  # None: no cap at all
+                body["max_tokens"] = MAX_TOKENS
+            body.pop("max_completion_tokens", None)
+        generates = path in ("/api/chat", "/api/generate")
+        if isinstance(body, dict) and generates and isinstance(body.get("options") or {}, dict):
+            body["options"] = {**(body.get("options") or {}), "num_predict": MAX_TOKENS}
+        if isinstance(body, dict) and path == "/v1/responses":
+            body["max_output_tokens"] = MAX_TOKENS
         case.call_and_validate(checks=[not_a_server_error], timeout=60)
 
     check()
