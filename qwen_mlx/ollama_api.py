@@ -39,8 +39,9 @@ Design decisions:
   `/api/tags` lists the model with a tag (`demo:latest`), as Ollama lists every model.
 - Numbers as Ollama reports them: durations in nanoseconds (`prompt_eval_duration` is the time to the
   first token, queueing included; `load_duration` the time spent before the model got the turn, i.e.
-  template and tokenizer, since the model is always loaded), `prompt_eval_count` the whole prompt (the
-  prefix cache's part included), `eval_count` the generated tokens. `/api/show` describes the checkpoint
+  template and tokenizer, since the model is always loaded), `prompt_eval_count` the prompt tokens evaluated (as
+  Ollama counts them: the prefix cache's part is left out, so a conversation that continues reports only
+  its new tokens), `eval_count` the generated tokens. `/api/show` describes the checkpoint
   in Ollama's terms (`general.architecture` `qwen3`, or `qwen3moe` for the mixture-of-experts models as
   Ollama names them; `format` `safetensors`; the quantization as `Q4`, `Q8`, ... for MLX's affine
   quantization, else the weights' float type) and returns the checkpoint's Jinja chat template.
@@ -76,7 +77,7 @@ from .parser import Answer, Reasoning, ToolCall, ToolCallError
 from .sampling import Sampling
 from .scheduler import Failed, Finished, Scheduler, Ticket
 from .turn import EFFORT_BUDGETS, TurnOptions, TurnPlan, Turns
-from .wire import APIError, gather, updates
+from .wire import APIError, gather, logprobs_json, updates
 
 OLLAMA_VERSION = "0.12.0"
 NDJSON = "application/x-ndjson"
@@ -384,7 +385,7 @@ class Clock:
         return {
             "total_duration": _ns(now - self.received),
             "load_duration": _ns(self.submitted - self.received),
-            "prompt_eval_count": stats.prompt_tokens,
+            "prompt_eval_count": stats.prompt_tokens - stats.cached_tokens,  # what was evaluated, as Ollama counts
             "prompt_eval_duration": _ns(first),
             "eval_count": stats.completion_tokens,
             "eval_duration": _ns(now - self.submitted - first),
@@ -397,18 +398,6 @@ def _done_reason(stats) -> str:
 
 def tool_call_json(call: ToolCall) -> dict:
     return {"id": call.id, "function": {"name": call.name, "arguments": call.arguments}}
-
-
-def _logprobs(entries) -> list[dict]:
-    return [
-        {
-            "token": e.token,
-            "logprob": e.logprob,
-            "bytes": e.bytes,
-            "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, lp, b in e.top],
-        }
-        for e in entries
-    ]
 
 
 def _parts(events) -> tuple[str, str, list[dict]]:
@@ -451,7 +440,7 @@ async def _stream(
     def line(thinking: str = "", content: str = "", calls=(), logprobs=None, **done) -> str:
         body = _chat_message(thinking, content, list(calls)) if chat else None
         fields = {"message": body} if chat else _generate_fields(thinking, content)
-        extra = {"logprobs": _logprobs(logprobs)} if want_logprobs and logprobs else {}
+        extra = {"logprobs": logprobs_json(logprobs)} if want_logprobs and logprobs else {}
         return _line({"model": model, "created_at": created_at(), **fields, **extra, "done": False} | done)
 
     try:
@@ -654,7 +643,7 @@ def add_routes(app, scheduler: Scheduler, settings, check_model) -> None:
         fields = {"message": _chat_message(thinking, content, calls)} if chat else _generate_fields(thinking, content)
         out = {"model": body.model, "created_at": created_at(), **fields}
         if body.logprobs:
-            out["logprobs"] = _logprobs(entries)
+            out["logprobs"] = logprobs_json(entries)
         return out | {"done": True, "done_reason": _done_reason(stats), **clock.metrics(stats)}
 
     @app.post("/api/chat")

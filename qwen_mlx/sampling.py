@@ -33,6 +33,8 @@ PENALTY_CONTEXT = 4096
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
+MIN_REPETITION_PENALTY = 0.01
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -85,8 +87,9 @@ class Sampling:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 bad(name, "between -2 and 2")
-        if not 0 < self.repetition_penalty <= 10:
-            bad("repetition_penalty", "above 0 (1 turns it off)")
+        # mlx-lm divides (or multiplies) logits by it: below 0.01 they overflow to inf and sampling yields NaN.
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10:
+            bad("repetition_penalty", f"between {MIN_REPETITION_PENALTY} and 10 (1 turns it off)")
         if self.logit_bias is not None:
             for token, bias in self.logit_bias.items():
                 if not isinstance(token, int) or token < 0 or not -100 <= bias <= 100:

@@ -47,7 +47,7 @@ from .protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from .sampling import Sampling
 from .scheduler import Failed, Finished, Scheduler, Ticket
 from .turn import EFFORT_BUDGETS, TurnOptions, TurnPlan, Turns
-from .wire import KEEPALIVE_S, APIError, error_body, error_response, gather, sse, updates
+from .wire import KEEPALIVE_S, APIError, error_body, error_response, gather, logprobs_json, sse, updates
 
 KEEPALIVE = ": keep-alive\n\n"
 # Answered without the API key: they say only that a server is up (clients probe `/` before they log in).
@@ -219,18 +219,6 @@ def usage(stats) -> dict:
         "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
         "completion_tokens_details": {"reasoning_tokens": stats.reasoning_tokens},
     }
-
-
-def chat_logprobs(entries) -> list[dict]:
-    return [
-        {
-            "token": e.token,
-            "logprob": e.logprob,
-            "bytes": e.bytes,
-            "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, lp, b in e.top],
-        }
-        for e in entries
-    ]
 
 
 def tool_call_json(call: ToolCall, index: int | None = None) -> dict:
@@ -480,7 +468,7 @@ async def _chat_whole(scheduler: Scheduler, ticket: Ticket, request: Request, me
     choice = {
         "index": 0,
         "message": message,
-        "logprobs": {"content": chat_logprobs(entries)} if ticket.turn.top_logprobs is not None else None,
+        "logprobs": {"content": logprobs_json(entries)} if ticket.turn.top_logprobs is not None else None,
         "finish_reason": stats.finish_reason,
     }
     return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage(stats)}
@@ -514,7 +502,7 @@ async def _chat_stream(
                 if include_usage:
                     yield sse({**base, "choices": [], "usage": usage(update.stats)})
                 break
-            logprobs = {"content": chat_logprobs(update.logprobs)} if update.logprobs else None
+            logprobs = {"content": logprobs_json(update.logprobs)} if update.logprobs else None
             for event in update.events:
                 if isinstance(event, Reasoning):
                     delta = out.reasoning(event.text)

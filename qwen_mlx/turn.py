@@ -20,6 +20,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -37,6 +38,7 @@ from .sampling import Sampler, Sampling
 from .tokenizer import Tokenizer
 
 MAX_STOPS = 16
+UNLIKELY_LOGPROB = -9999.0  # what OpenAI reports for a token that cannot be drawn
 # Effort levels, in every protocol's spelling (OpenAI's reasoning_effort and reasoning.effort, Anthropic's
 # output_config.effort, Ollama's think levels), as a thinking budget in tokens; None: unbounded. ("none",
 # where a protocol has it, turns thinking off instead.)
@@ -169,6 +171,11 @@ def _tool_choice(choice: str | None, tools: list[dict] | None) -> str | None:
     if choice not in TOOL_CHOICES and choice not in names:
         raise QwenMLXError(f"tool_choice names {choice!r}, which is not in tools", param="tool_choice")
     return choice if names else None
+
+
+def _finite(logprob: float) -> float:
+    """A log-probability JSON can carry: a token the guide ruled out (-inf) is OpenAI's -9999.0."""
+    return logprob if math.isfinite(logprob) else UNLIKELY_LOGPROB
 
 
 class Turns:
@@ -327,11 +334,11 @@ class TurnReader:
             text = self.tokenizer.decode([i])
             return text, list(text.encode("utf-8"))
 
-        chosen = logprobs[token].item()
+        chosen = _finite(logprobs[token].item())
         tops = []
         if top:
             best = mx.argpartition(-logprobs, top - 1)[:top]
-            values = logprobs[best].tolist()
+            values = [_finite(v) for v in logprobs[best].tolist()]
             for i, value in sorted(zip(best.tolist(), values, strict=True), key=lambda p: -p[1]):
                 text, raw = piece(i)
                 tops.append((text, value, raw))

@@ -78,6 +78,19 @@ def error_response(
     return JSONResponse(error_body(message, type, param, code, status=status, path=path), status_code=status)
 
 
+def logprobs_json(entries) -> list[dict]:
+    """Token log-probabilities (`TurnReader.logprob`'s entries) as OpenAI's and Ollama's `logprobs` list."""
+    return [
+        {
+            "token": e.token,
+            "logprob": e.logprob,
+            "bytes": e.bytes,
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, lp, b in e.top],
+        }
+        for e in entries
+    ]
+
+
 def sse(payload: dict, event: str | None = None) -> str:
     """One Server-Sent Event: `data:` with the JSON, after an `event:` line when the protocol names events."""
     data = f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"

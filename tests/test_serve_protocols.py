@@ -99,3 +99,24 @@ def test_lm_studio_clients_find_the_model_loaded(demo_server: str):
     assert httpx.get(f"{demo_server}/api/v0/models/demo", timeout=TIMEOUT_S).json() == card
     missing = httpx.get(f"{demo_server}/api/v0/models/nope", timeout=TIMEOUT_S)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_an_agents_long_prompt_is_prefilled_once_whatever_the_protocol(demo_server: str):
+    """An agent resends its long system prompt every turn; the prefix cache holds it across protocols."""
+    system = "You are a careful assistant working in a large repository. " * 150  # about 1.6K tokens
+    chat = [{"role": "system", "content": system}, {"role": "user", "content": question("thinking")}]
+    openai = OpenAI(base_url=f"{demo_server}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT_S)
+    first = openai.chat.completions.create(model="demo", messages=chat, temperature=0, max_tokens=5)
+    prompt = first.usage.prompt_tokens
+    assert prompt > 1500
+
+    claude = anthropic.Anthropic(base_url=demo_server, api_key="unused", max_retries=0, timeout=TIMEOUT_S)
+    again = claude.messages.create(
+        model="demo", max_tokens=5, system=system, messages=chat[1:], extra_body={"temperature": 0}
+    )
+    assert again.usage.cache_read_input_tokens == prompt - 1 and again.usage.input_tokens == 1
+
+    reply = ollama.Client(host=demo_server, timeout=TIMEOUT_S).chat(
+        model="demo", messages=chat, options={"temperature": 0, "num_predict": 5}
+    )
+    assert reply.prompt_eval_count == 1  # Ollama counts what it evaluated: the rest came from the cache
