@@ -89,8 +89,12 @@ def complete(prefix: str, names: list[str] | None = None) -> list[str]:
 
 def help_markdown(keys: list[tuple[str, str]]) -> str:
     """The /help text: every command, then the keys."""
+
+    def cell(text: str) -> str:  # a `|` in a cell (`/budget N | off`) would split it: GFM's escape keeps it
+        return text.replace("|", "\\|")
+
     lines = ["| command | does |", "|---|---|"]
-    lines += [f"| `{spec.usage}` | {spec.help} |" for spec in COMMANDS.values()]
+    lines += [f"| `{cell(spec.usage)}` | {cell(spec.help)} |" for spec in COMMANDS.values()]
     lines += ["", "| key | does |", "|---|---|"]
-    lines += [f"| {key} | {does} |" for key, does in keys]
+    lines += [f"| {cell(key)} | {cell(does)} |" for key, does in keys]
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.errors import OneLineParser, QwenMLXError
 from qwen_mlx.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from qwen_mlx.save import MAX_SHARD_BYTES
 
@@ -43,7 +43,7 @@ def parse_size(text: str) -> int:
 
 def build_parser(prog: str = "python -m qwen_mlx.convert") -> argparse.ArgumentParser:
     recipes = "; ".join(f"{name}: {load_recipe(name).description}" for name in available_recipes())
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=prog,
         description="Convert a Hugging Face Qwen3 checkpoint (bf16/fp16/fp32 or block-FP8) or an MLX folder "
         "into an MLX folder in mlx-lm's format, optionally quantized, and report what quantization cost.",

@@ -1,7 +1,8 @@
 """The `qwen-mlx` command: one entry point, one subcommand per job.
 
 Errors a user can cause (`QwenMLXError`) print as one line on stderr with exit status 1; argparse's own
-usage errors exit with status 2. Nothing else is caught, so a real bug still shows its traceback.
+usage errors print as one line too (`errors.OneLineParser`, with a pointer to `--help`) and exit with
+status 2. Nothing else is caught, so a real bug still shows its traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import QwenMLXError
+from .errors import OneLineParser, QwenMLXError
 
 GIB = 1 << 30
 
@@ -360,7 +361,7 @@ def add_distributed_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen-mlx", description="Run Qwen3 on Apple Silicon with MLX.")
+    parser = OneLineParser(prog="qwen-mlx", description="Run Qwen3 on Apple Silicon with MLX.")
     parser.add_argument("--version", action="version", version=f"qwen-mlx {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

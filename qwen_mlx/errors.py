@@ -7,6 +7,8 @@ status of their own are subclasses, so the server chooses the status by type, ne
 
 from __future__ import annotations
 
+import argparse
+
 
 class QwenMLXError(Exception):
     """Bad input from the user: a checkpoint, option or request we cannot use as given.
@@ -25,3 +27,10 @@ class ContextLengthExceeded(QwenMLXError):
 
 class Overloaded(QwenMLXError):
     """Every slot and every waiting place of the server is taken."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error said in one line and a pointer to `--help` (not the whole usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -209,8 +209,8 @@ class Turns:
 
     def fit(self, prompt_len: int, max_tokens: int | None) -> int:
         """The max tokens to use: refused if the prompt leaves no room, else capped to the room left."""
-        if max_tokens is not None and max_tokens < 0:
-            raise QwenMLXError(f"max_tokens={max_tokens} is invalid: it must be >= 0", param="max_tokens")
+        if max_tokens is not None and max_tokens < 1:  # as every protocol's API has it (a reply of nothing is no turn)
+            raise QwenMLXError(f"max_tokens={max_tokens} is invalid: it must be at least 1", param="max_tokens")
         room = self.context_length - prompt_len
         if room <= 0:
             raise ContextLengthExceeded(

@@ -68,7 +68,16 @@ def test_completion():
     assert commands.complete("/load ", ["sums", "story"]) == ["/load sums", "/load story"]
     assert commands.complete("/load su", ["sums", "story"]) == ["/load sums"]
     assert commands.complete("/temp 0") == []
-    assert "| `/budget N | off` |" in commands.help_markdown([("Esc", "stop")])
+
+
+def test_help_table_keeps_a_pipe_inside_its_cell():
+    """`/budget N | off` is one cell of two columns, as Textual's Markdown (markdown-it, GFM tables) reads it."""
+    from markdown_it import MarkdownIt
+
+    html = MarkdownIt("gfm-like").render(commands.help_markdown([("Esc", "stop")]))
+    assert "<td><code>/budget N | off</code></td>" in html and "<td><code>/temp X | default</code></td>" in html
+    rows = [row for row in html.split("<tr>") if "/budget" in row]
+    assert rows[0].count("<td>") == 2
 
 
 def test_status_line():

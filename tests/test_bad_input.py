@@ -184,6 +184,23 @@ def test_cli_prints_one_line_and_exits_nonzero(tiny) -> None:
     assert len(lines) == 1 and lines[0].startswith("qwen-mlx: error: ") and "model.safetensors" in lines[0]
 
 
+@pytest.mark.parametrize(
+    "args",
+    [("generate", "--prompt", "x"), ("bogus",), ("serve", "--model", "m", "--port", "x"), ("convert", "--q-bits", "7")],
+    ids=["missing option", "unknown command", "bad number", "convert"],
+)
+def test_usage_errors_are_one_line_with_a_pointer_to_help(args) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.rstrip().endswith("--help)") and "usage:" not in result.stderr
+
+
+def test_generate_and_the_server_agree_that_max_tokens_0_is_invalid(checkpoint) -> None:
+    result = run_cli("generate", "--model", str(checkpoint("dense_tied")), "--prompt", "hi", "--max-tokens", "0")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "max_tokens=0 is invalid: it must be at least 1" in result.stderr
+
+
 def test_cli_describes_a_checkpoint(checkpoint) -> None:
     result = run_cli("info", str(checkpoint("moe_hub")), "--json")
     assert result.returncode == 0, result.stderr

@@ -196,6 +196,26 @@ def test_tool_choice_forces_a_valid_call(client: OpenAI, choice):
     assert call.function.name == "get_weather" and arguments["city"] in ("Paris", "Tokyo")
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_call_ends_at_its_natural_token_boundaries(client: OpenAI, choice, stream: bool):
+    """The call's JSON ends in one token spanning `}}` and the newline; forced, it must still close and end
+    the turn with `tool_calls`: no schema crutches, no thinking budget, the tool exactly as the demo knows it."""
+    tools = SCRIPT["tool_call"]["tools"]
+    request = {"model": "demo", "messages": user("tool_call"), "tools": tools, "tool_choice": choice, **GREEDY}
+    if stream:
+        _, content, chunks = joined(client.chat.completions.create(stream=True, **request))
+        deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+        name, arguments = deltas[0].function.name, "".join(d.function.arguments or "" for d in deltas)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        message = client.chat.completions.create(**request).choices[0]
+        (call,) = message.message.tool_calls
+        name, arguments, finish, content = call.function.name, call.function.arguments, message.finish_reason, ""
+    assert (name, json.loads(arguments), finish) == ("get_weather", {"city": "Paris"}, "tool_calls")
+    assert "<tool_call>" not in (content or "")
+
+
 def test_response_format_json_schema_is_enforced(client: OpenAI):
     schema = {
         "type": "object",
