@@ -247,6 +247,8 @@ def serve(args: argparse.Namespace) -> int:
     for name in ("max_batch", "prefill_step_size"):
         if getattr(args, name) < 1:
             raise QwenMLXError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_tokens_default is not None and args.max_tokens_default < 1:
+        raise QwenMLXError("--max-tokens-default must be at least 1")
     if not args.keepalive > 0:
         raise QwenMLXError("--keepalive must be a number of seconds above 0")
     if args.max_waiting < 0:  # 0 is no queue: a request beyond --max-batch gets 429 at once
@@ -266,6 +268,7 @@ def serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_waiting=args.max_waiting,
         prefill_step_size=args.prefill_step_size,
+        default_max_tokens=args.max_tokens_default,
     )
     model_id = args.model_name or (
         args.model if not os.path.isdir(args.model) else os.path.basename(os.path.abspath(args.model))
@@ -426,6 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where thinking goes: reasoning_content (default), reasoning, or think (inline <think> text)",
     )
     srv.add_argument("--model-name", help="the id /v1/models reports (default: the --model argument)")
+    srv.add_argument(
+        "--max-tokens-default",
+        type=int,
+        metavar="N",
+        help="max tokens for a request that sets none (default: the room left in the context)",
+    )
     srv.add_argument(
         "--keepalive",
         type=float,

@@ -98,8 +98,10 @@ class Scheduler:
         max_waiting: int = 32,
         prefill_step_size: int = 512,
         prompt_cache_size: int = 8,
+        default_max_tokens: int | None = None,
     ):
         self._load = load
+        self.default_max_tokens = default_max_tokens  # for a request that sets no max tokens
         self.max_batch = max_batch
         self.max_waiting = max_waiting
         self.prefill_step_size = prefill_step_size
@@ -174,7 +176,13 @@ class Scheduler:
             self.loaded, self.tokenizer = self._load()
             self.model = self.loaded.model
             args = self.model.args
-            self.turns = Turns(self.tokenizer, args.vocab_size, args.context_length, self.loaded.generation_config)
+            self.turns = Turns(
+                self.tokenizer,
+                args.vocab_size,
+                args.context_length,
+                self.loaded.generation_config,
+                default_max_tokens=self.default_max_tokens,
+            )
         except BaseException as e:  # reported by start()
             self._load_error = e
             self._ready.set()

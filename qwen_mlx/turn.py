@@ -11,6 +11,9 @@ tool call is "tool_calls").
 Design decisions:
 - A prompt that does not fit the model's context is an error (`ContextLengthExceeded`), never a silent
   truncation; `max_tokens` is capped to the room that is left (finish reason `length` when reached).
+- A turn without `max_tokens` may run to the end of the context, unless the planner has a default
+  (`qwen-mlx serve --max-tokens-default`); either way a reply caught repeating one span over and over
+  (`LoopGuard`) ends with finish reason "length" and a log line instead of holding its slot for an hour.
 - Tool calls are parsed when the turn was given tools; without them a `<tool_call>` block stays answer
   text (a client that prompts for tools itself parses the text itself).
 - Every plan carries its guide, so "end thinking now" works in every front end; the guide reads the
@@ -20,6 +23,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -36,6 +40,8 @@ from .guide import TurnGuide
 from .parser import Answer, Event, Reasoning, ReplyParser, StopStrings, ToolCall, ToolCallError
 from .sampling import Sampler, Sampling
 from .tokenizer import Tokenizer
+
+log = logging.getLogger("qwen_mlx")
 
 MAX_STOPS = 16
 UNLIKELY_LOGPROB = -9999.0  # what OpenAI reports for a token that cannot be drawn
@@ -182,12 +188,19 @@ class Turns:
     """Plans turns for one model: its tokenizer, vocabulary, context and generation settings."""
 
     def __init__(
-        self, tokenizer: Tokenizer, vocab_size: int, context_length: int, generation_config: dict | None = None
+        self,
+        tokenizer: Tokenizer,
+        vocab_size: int,
+        context_length: int,
+        generation_config: dict | None = None,
+        *,
+        default_max_tokens: int | None = None,
     ):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.context_length = context_length
         self.generation_config = generation_config or {}
+        self.default_max_tokens = default_max_tokens  # a turn that sets none gets this (None: the room left)
         self.special = SpecialIds.of(tokenizer)
 
     def render(
@@ -218,6 +231,8 @@ class Turns:
                 "shorten the conversation",
                 param="messages",
             )
+        if max_tokens is None:
+            max_tokens = self.default_max_tokens
         return room if max_tokens is None else min(max_tokens, room)
 
     def plan(self, messages: Sequence[dict], options: TurnOptions | None = None) -> TurnPlan:
@@ -288,6 +303,41 @@ class Turns:
         return TurnReader(self, plan, cached=cached, started=started)
 
 
+class LoopGuard:
+    """Notices a reply stuck repeating itself (Qwen3's known endless-thinking loop, or a small model's): the
+    last tokens are one span of at most `MAX_PERIOD` tokens, repeated until they cover `MIN_LOOP` tokens and
+    at least `MIN_REPEATS` times. Checked every `EVERY` tokens; a few milliseconds of list compares at most.
+
+    The bounds keep real text safe: a Markdown rule or a zero-filled array is far shorter than 1024 tokens of
+    one repeated span. A caught loop ends the turn with finish reason "length" and a log line.
+    """
+
+    MAX_PERIOD = 256
+    MIN_LOOP = 1024
+    MIN_REPEATS = 8
+    EVERY = 64
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.period: int | None = None  # the repeated span's length, once a loop is caught
+
+    def feed(self, token: int) -> bool:
+        """Add a generated token; True once the reply is looping."""
+        tokens = self.tokens
+        tokens.append(token)
+        if self.period is not None or len(tokens) % self.EVERY or len(tokens) < self.MIN_LOOP:
+            return self.period is not None
+        for period in range(1, self.MAX_PERIOD + 1):
+            span = max(self.MIN_LOOP, self.MIN_REPEATS * period)
+            if span > len(tokens):
+                break
+            if tokens[-span + period :] == tokens[-span:-period]:  # periodic over the whole span
+                self.period = period
+                return True
+        del tokens[: -(self.MAX_PERIOD * self.MIN_REPEATS)]  # older tokens cannot be part of a loop check
+        return False
+
+
 class TurnReader:
     """Reads one plan's tokens: `feed` each sampled token, `finish` once generation ends."""
 
@@ -305,10 +355,15 @@ class TurnReader:
         self.first_token_at: float | None = None
         n = len(plan.prompt_ids)
         self.stats = ChatStats(prefill_tokens=n - cached, prompt_tokens=n, cached_tokens=cached, thinking=plan.thinking)
+        self.loop = LoopGuard()
 
     @property
     def stopped(self) -> bool:
-        """A stop string ended the reply: the caller should end the generation."""
+        """A stop string or a caught loop ended the reply: the caller should end the generation."""
+        return self.stop_found or self.loop.period is not None
+
+    @property
+    def stop_found(self) -> bool:
         return self.parser.stopped if self.plan.chat else self.stops.stopped
 
     def feed(self, token: int) -> list[Event]:
@@ -318,6 +373,12 @@ class TurnReader:
         self.stats.completion_tokens += 1
         if token in self.end_ids:
             return []
+        if self.loop.feed(token):
+            log.warning(
+                "ending a reply that repeats a %d-token span (after %d tokens): finish reason length",
+                self.loop.period,
+                self.stats.completion_tokens,
+            )
         text = self.detokenizer.add(token)
         if self.plan.chat:
             return self.parser.feed(token, text)
@@ -350,7 +411,10 @@ class TurnReader:
         when the caller ended it)."""
         events = self.parser.finish() if self.plan.chat else [Answer(self.stops.flush())]
         events = [e for e in events if not (isinstance(e, Answer) and not e.text)]
-        finish = "stop" if self.stopped else (finish_reason or "stop")
+        if self.loop.period is not None and not self.stop_found:
+            finish = "length"  # cut short, as by a token limit: the client may ask for more
+        else:
+            finish = "stop" if self.stop_found else (finish_reason or "stop")
         if finish == "stop" and self.plan.chat and self.parser.tool_calls:
             finish = "tool_calls"
         stats = self.stats

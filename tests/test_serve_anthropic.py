@@ -226,8 +226,13 @@ def test_errors_come_in_anthropics_shape(client, demo_server):
 
 
 def test_alias_patterns_answer_to_the_names_agents_send(demo_model_path):
-    """Claude Code asks for claude-* names: `--alias 'claude-*'` maps them; other names keep their 404."""
-    with running_server(demo_model_path, "--model-name", "demo", "--alias", "claude-*") as url:
+    """Claude Code asks for claude-* names: `--alias 'claude-*'` maps them; other names keep their 404.
+    (The same server checks `--max-tokens-default`: a request that sets no limit gets it.)"""
+    options = ("--model-name", "demo", "--alias", "claude-*", "--max-tokens-default", "6")
+    with running_server(demo_model_path, *options) as url:
+        openai = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT_S)
+        capped = openai.chat.completions.create(model="demo", messages=user("thinking"), temperature=0)
+        assert capped.choices[0].finish_reason == "length" and capped.usage.completion_tokens == 6
         client = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=TIMEOUT_S)
         message = client.messages.create(model="claude-sonnet-4-5", max_tokens=200, messages=user("thinking"), **GREEDY)
         assert parts(message)[1] == "2 + 3 = **5**." and message.model == "claude-sonnet-4-5"

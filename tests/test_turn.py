@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -12,7 +13,9 @@ from fixtures import VOCAB_SIZE, tokenizer_dir
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.sampling import Sampling
 from qwen_mlx.tokenizer import Tokenizer
-from qwen_mlx.turn import UNLIKELY_LOGPROB, TurnOptions, Turns
+from qwen_mlx.turn import UNLIKELY_LOGPROB, LoopGuard, TurnOptions, Turns
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -37,3 +40,37 @@ def test_logprobs_of_ruled_out_tokens_are_finite_json(turns):
 def test_a_repetition_penalty_that_would_overflow_the_logits_is_refused(turns, penalty):
     with pytest.raises(QwenMLXError, match="repetition_penalty"):
         turns.plan([{"role": "user", "content": "Hi"}], TurnOptions(sampling=Sampling(repetition_penalty=penalty)))
+
+
+def test_a_reply_stuck_in_a_loop_ends_with_length(turns):
+    """Qwen3's endless-thinking loop: the same paragraph again and again ends the turn, as a token limit does."""
+    plan = turns.plan([{"role": "user", "content": "Is 91 prime?"}])
+    reader = turns.reader(plan)
+    paragraph = turns.tokenizer.encode(" Wait, let me check whether 7 divides 91 once more, carefully.")
+    fed = 0
+    while not reader.stopped and fed < 5000:
+        for token in paragraph:
+            reader.feed(token)
+            fed += 1
+    assert reader.stopped and reader.loop.period == len(paragraph)
+    assert fed <= LoopGuard.MIN_LOOP + LoopGuard.EVERY + len(paragraph)  # caught soon after the bound
+    _, stats = reader.finish("stop")
+    assert stats.finish_reason == "length"
+
+
+def test_long_real_text_and_short_repeats_are_no_loop():
+    """Prose, and a short run of one token (a Markdown rule, a small zero array), never trip the guard."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    tokenizer = Tokenizer.load(tokenizer_dir())
+    ids = tokenizer.encode(text)[:6000]
+    rule = tokenizer.encode(" 0,") * 300  # a 300-element zero array
+    guard = LoopGuard()
+    assert not any(guard.feed(t) for t in ids + rule + ids[:2000])
+
+
+def test_turns_without_max_tokens_get_the_planners_default(turns):
+    capped = Turns(turns.tokenizer, VOCAB_SIZE, 40960, default_max_tokens=64)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert capped.plan(messages).max_tokens == 64
+    assert capped.plan(messages, TurnOptions(max_tokens=500)).max_tokens == 500  # the request's own wins
+    assert turns.plan(messages).max_tokens == 40960 - len(turns.plan(messages).prompt_ids)
