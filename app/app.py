@@ -168,7 +168,8 @@ class ChatApp(App):
             used = backend.prompt_tokens(self.conversation.prompt_messages()) if backend else None
         except Exception:  # a template that refuses this history: leave the count alone
             used = None
-        self.status.context_used = used or 0
+        if used is not None:  # an endpoint's tokenizer is not ours: its count comes with the next turn
+            self.status.context_used = used
 
     def _refresh_status(self) -> None:
         c = self.conversation
@@ -329,6 +330,7 @@ class ChatApp(App):
             return
         self.engine.cancel(self.turn)
         await self._end_turn(stopped=True, thought_s=None, reasoning_tokens=None)
+        self._count_context()  # no stats for a stopped turn: count what the conversation now holds
         self._refresh_status()
         await self._autosave()
 

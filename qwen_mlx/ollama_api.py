@@ -88,7 +88,7 @@ ZERO_DURATION = re.compile(r"[+-]?0*(\.0*)?(ns|us|µs|ms|s|m|h)?")
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # "0.5" is no number, true no count: a 400
 
 
 class OllamaOptions(_Body):

@@ -74,7 +74,7 @@ ROLES = ("user", "system", "developer", "assistant")
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # "0.5" is no number, true no count: a 400
 
 
 class Part(BaseModel):

@@ -292,7 +292,9 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
             return error_response(404, f"no route {request.method} {where}", code="unknown_url", path=where)
         if e.status_code == 400:  # FastAPI's own body parsing gave up: bad UTF-8, nesting too deep
             return error_response(400, "the request body is not valid JSON", code="invalid_json", path=request.url.path)
-        return error_response(e.status_code, str(e.detail), path=request.url.path)
+        response = error_response(e.status_code, str(e.detail), path=request.url.path)
+        response.headers.update(e.headers or {})  # a 405 says which methods are allowed (Allow)
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):

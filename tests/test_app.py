@@ -176,6 +176,7 @@ async def test_escape_stops_and_keeps_the_partial_text(make_app, engine_answer):
         assert full_answer.startswith(message.content)
         assert len(message.reasoning) + len(message.content) < len(full_reasoning) + len(full_answer)
         assert "(stopped)" in str(app.query_one(ThinkingPanel).title)
+        assert app.status.context_used > 10  # the question and the partial reply, not "ctx 0"
         shown = view.panel.text.source
         await pilot.pause(0.5)  # the engine's later words for the stopped turn are dropped
         assert view.panel.text.source == shown

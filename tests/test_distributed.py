@@ -262,6 +262,10 @@ def test_relay_of_the_ranks_stderr():
     cause = "qwen-mlx: error (rank 1): no model folder at /m\n"
     assert Relay().lines([stopped, cause]) == [cause]
     assert Relay().lines([stopped]) == [stopped]  # nobody said why: rank 0's line is all there is
+    # Rank 0 found it first and its follower stopped because of that: rank 0's line alone.
+    said = "qwen-mlx: error: no model folder at /m\n"
+    echo = "qwen-mlx: rank 1: stopped: another rank of the distributed run ended, or the run was interrupted\n"
+    assert Relay().lines([said, echo]) == [said]
 
 
 def test_rank_0s_status_on_this_mac_or_another(tmp_path, capsys):

@@ -90,8 +90,24 @@ def test_invalid_json_is_400(client: httpx.Client, content: bytes):
         ({"n": 2}, "n"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"stop": ["x"] * 17}, "stop"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"stream": 1}, "stream"),
+        ({"repetition_penalty": 1e-300}, "repetition_penalty"),
     ],
-    ids=["temperature", "empty-messages", "wrong-role", "top-logprobs", "n", "max-tokens", "too-many-stops"],
+    ids=[
+        "temperature",
+        "empty-messages",
+        "wrong-role",
+        "top-logprobs",
+        "n",
+        "max-tokens",
+        "too-many-stops",
+        "bool-as-count",
+        "text-as-number",
+        "number-as-bool",
+        "overflowing-penalty",
+    ],
 )
 def test_invalid_values_are_400(client: httpx.Client, change: dict, param: str):
     error = assert_error(client.post("/v1/chat/completions", json=chat(**change)), 400)
@@ -323,6 +339,8 @@ def test_server_survives_a_burst_of_bad_requests(client: httpx.Client):
         ("DELETE", "/v1/models", b""),
         ("POST", "/health", b"{}"),
     ]
+    wrong_method = client.delete("/v1/models")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "GET"
     for method, path, content in garbage:
         response = client.request(method, path, content=content, headers={"content-type": "application/json"})
         assert 400 <= response.status_code < 500, (method, path, content, response.status_code, response.text)

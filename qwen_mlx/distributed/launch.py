@@ -180,11 +180,12 @@ class Relay:
 
     def rest(self) -> list[str]:
         """The followers' own failures at the end of the run, or rank 0's "another rank ended" if none."""
-        causes = [line for message, line in self.held.items() if message not in self.leader_said]
-        causes = [line for line in causes if PEER_ENDED not in line] or causes
-        if not causes and not self.leader_said and self.leader_stopped:
-            return [self.leader_stopped]
-        return causes
+        held = [(message, line) for message, line in self.held.items() if message not in self.leader_said]
+        causes = [line for message, line in held if not message.startswith(PEER_ENDED)]
+        if causes or self.leader_said:  # someone said why: "another rank ended" is only its echo
+            return causes
+        effects = [self.leader_stopped] if self.leader_stopped else [line for _, line in held]
+        return effects[:1]
 
     def lines(self, lines) -> list[str]:
         kept = [kept for line in lines if (kept := self.clean(line)) is not None]
