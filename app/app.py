@@ -28,7 +28,17 @@ from .backends import Backend, LocalBackend
 from .conversation import Conversation, Message
 from .engine_thread import EngineThread, TurnRequest
 from .store import Store
-from .widgets import AssistantMessage, ChatInput, Notice, Status, StatusBar, ThinkingPanel, UserMessage
+from .widgets import (
+    AssistantMessage,
+    ChatInput,
+    Notice,
+    Status,
+    StatusBar,
+    ThinkingPanel,
+    UserMessage,
+    Welcome,
+    welcome_text,
+)
 
 KEYS = [
     ("Enter", "send"),
@@ -70,6 +80,7 @@ class ChatApp(App):
         Binding("ctrl+t", "end_thinking", "End thinking", priority=True),
         Binding("ctrl+r", "regenerate", "Regenerate", priority=True),
         Binding("ctrl+o", "toggle_thinking", "Thinking panel", priority=True),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
     def __init__(
@@ -156,7 +167,24 @@ class ChatApp(App):
         ]
         if widgets:
             await self.log_view.mount_all(widgets)
+        else:
+            await self.log_view.mount(Welcome(welcome_text(self.source.label, self._demo_prompts())))
         self.log_view.scroll_end(animate=False)
+
+    def _answered_nothing(self, stats) -> bool:
+        last = self.conversation.messages[-1] if self.conversation.messages else None
+        if stats is None or last is None or last.role != "assistant" or stats.finish_reason == "tool_calls":
+            return False
+        return not last.content.strip()
+
+    def _demo_prompts(self) -> list[str]:
+        """The first questions of the demo's scripts (what it can answer), when the demo model is served."""
+        if self.source.endpoint or (self.source.model or "demo") != "demo":
+            return []
+        from qwen_mlx.demo import SCRIPTS
+
+        prompts = [s["messages"][0]["content"] for s in SCRIPTS if not s.get("tools") and "enable_thinking" not in s]
+        return list(dict.fromkeys(prompts))
 
     async def say(self, text: str, error: bool = False) -> None:
         await self.log_view.mount(Notice(text, error))
@@ -243,6 +271,9 @@ class ChatApp(App):
         self._refresh_status()
         if message.error:
             await self.say(message.error, error=True)
+        elif self._answered_nothing(stats):
+            hint = "; the demo model knows only the conversations listed at the top" if self._demo_prompts() else ""
+            await self.say(f"The model gave no answer ({stats.finish_reason}){hint}.")
         await self._autosave()
 
     async def _end_turn(self, *, stopped: bool, thought_s: float | None, reasoning_tokens: int | None) -> None:

@@ -94,6 +94,27 @@ class Notice(Static):
         super().__init__(text, markup=False, classes="error" if error else "")
 
 
+class Welcome(Static):
+    """What an empty chat shows first: the model, what to type, the keys (and, on the demo, its prompts)."""
+
+    DEFAULT_CSS = """
+    Welcome { margin: 1 0 0 0; padding: 0 1; color: $text-muted; }
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text, markup=False)
+
+
+def welcome_text(model: str, demo_prompts: list[str]) -> str:
+    lines = [
+        f"Chatting with {model}. Type a message and press Enter; /help lists the commands.",
+        "Esc stops an answer, Ctrl+T ends the thinking, Ctrl+O folds it, Ctrl+Q quits.",
+    ]
+    if demo_prompts:
+        lines.append("The demo model knows a few conversations only; try: " + " · ".join(demo_prompts))
+    return "\n".join(lines)
+
+
 class ThinkingPanel(Collapsible):
     """The reasoning of one answer: "Thinking…" while it streams, then folded and titled with its cost."""
 

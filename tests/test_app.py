@@ -14,7 +14,7 @@ from textual.pilot import Pilot
 from qwen_mlx.app.app import ChatApp, Source
 from qwen_mlx.app.conversation import Conversation
 from qwen_mlx.app.store import Store
-from qwen_mlx.app.widgets import AssistantMessage, ChatInput, Notice, StatusBar, ThinkingPanel
+from qwen_mlx.app.widgets import AssistantMessage, ChatInput, Notice, StatusBar, ThinkingPanel, Welcome
 from qwen_mlx.chat import ChatSession
 from qwen_mlx.format import THINKING_BUDGET_TEXT
 
@@ -93,6 +93,20 @@ def engine_answer(demo_model_path: Path) -> Callable[[str], tuple[str, str]]:
         return reply.reasoning.strip(), reply.answer.strip()
 
     return answer
+
+
+async def test_an_empty_chat_says_what_to_type_and_which_keys_matter(demo_model_path, store, monkeypatch):
+    monkeypatch.setenv("QWEN_MLX_CACHE", str(demo_model_path.parent))  # so `demo` names the built model
+    app = ChatApp(Source(model="demo"), store=store)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app)
+        text = str(app.query_one(Welcome).render())
+        assert "demo" in text and "/help" in text and "Ctrl+Q quits" in text
+        assert "What is 2 + 3?" in text and "What's the weather" not in text  # the demo's prompts, no tool ones
+        await ask(pilot, "What is 2 + 3?")
+        await send(pilot, "/clear")
+        await pilot.pause()
+        assert len(app.query(Welcome)) == 1 and not app.query(AssistantMessage)
 
 
 async def test_thinking_folds_when_the_answer_starts(make_app, engine_answer):
