@@ -247,6 +247,7 @@ def test_relay_of_the_ranks_stderr():
         "\x1b[33m[WARN] Node with rank 0 exited with code -15 \x1b[0m\n",
         "\x1b[33m[WARN] Node with rank 2 exited with code -9 \x1b[0m\n",
         "\x1b[33m[WARN] Node with rank 3 was killed \x1b[0m\n",
+        "\x1b[0m\n",  # a colour reset that arrived on a line of its own
         "INFO:     Uvicorn running\n",
     ]
     relay = Relay()

@@ -155,6 +155,8 @@ class Relay:
 
     def clean(self, line: str) -> str | None:
         plain = ANSI.sub("", line).rstrip("\n")
+        if line.strip() and not plain.strip():  # colour codes alone (the tail of a wrapped launcher note)
+            return None
         if found := NODE_EXIT.search(plain):
             code = int(found[2]) if found[2] else -signal.SIGTERM  # "was killed": mlx.launch stopped it
             if found[1] == "0":
