@@ -37,6 +37,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .parser import Answer, Reasoning, ToolCall, ToolCallError
+from .protocol import Body
 from .sampling import Sampling
 from .scheduler import Failed, Finished, Scheduler, Ticket
 from .turn import EFFORT_BUDGETS, TurnOptions, TurnPlan, Turns
@@ -45,10 +46,6 @@ from .wire import APIError, gather, sse, updates
 log = logging.getLogger("qwen_mlx.serve")
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)  # "0.5" is no number, true no count: a 400
 
 
 class Block(BaseModel):
@@ -66,22 +63,22 @@ class Block(BaseModel):
     is_error: bool | None = None
 
 
-class InputMessage(_Body):
+class InputMessage(Body):
     role: Literal["user", "assistant", "system"]  # Claude Code puts system reminders between turns
     content: str | list[Block]
 
 
-class ThinkingConfig(_Body):
+class ThinkingConfig(Body):
     type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: int | None = Field(default=None, ge=0)
 
 
-class JsonOutputFormat(_Body):
+class JsonOutputFormat(Body):
     type: Literal["json_schema"] = "json_schema"
     schema_: dict[str, Any] = Field(alias="schema")
 
 
-class OutputConfig(_Body):
+class OutputConfig(Body):
     effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
     format: JsonOutputFormat | None = None
 
@@ -94,13 +91,13 @@ class ToolSpec(BaseModel):
     input_schema: dict[str, Any] | None = None
 
 
-class ToolChoice(_Body):
+class ToolChoice(Body):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
     disable_parallel_tool_use: bool = False
 
 
-class MessagesRequest(_Body):
+class MessagesRequest(Body):
     model: str
     max_tokens: int = Field(ge=1)
     messages: list[InputMessage] = Field(min_length=1)
@@ -116,7 +113,7 @@ class MessagesRequest(_Body):
     tool_choice: ToolChoice | None = None
 
 
-class CountTokensRequest(_Body):
+class CountTokensRequest(Body):
     model: str
     messages: list[InputMessage] = Field(min_length=1)
     system: str | list[Block] | None = None

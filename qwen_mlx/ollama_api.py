@@ -69,11 +69,12 @@ from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import ContextLengthExceeded, QwenMLXError
 from .parser import Answer, Reasoning, ToolCall, ToolCallError
+from .protocol import Body
 from .sampling import Sampling
 from .scheduler import Failed, Finished, Scheduler, Ticket
 from .turn import EFFORT_BUDGETS, TurnOptions, TurnPlan, Turns
@@ -87,11 +88,7 @@ POST_ROUTES = ("/api/chat", "/api/generate", "/api/show")
 ZERO_DURATION = re.compile(r"[+-]?0*(\.0*)?(ns|us|µs|ms|s|m|h)?")
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)  # "0.5" is no number, true no count: a 400
-
-
-class OllamaOptions(_Body):
+class OllamaOptions(Body):
     """The runtime options this server honours; the rest of Ollama's options are ignored."""
 
     temperature: float | None = Field(default=None, ge=0, le=100)
@@ -107,17 +104,17 @@ class OllamaOptions(_Body):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
 
 
-class OllamaFunctionCall(_Body):
+class OllamaFunctionCall(Body):
     name: str = Field(min_length=1)
     arguments: dict[str, Any] | str = Field(default_factory=dict)
 
 
-class OllamaToolCall(_Body):
+class OllamaToolCall(Body):
     id: str | None = None
     function: OllamaFunctionCall
 
 
-class OllamaMessage(_Body):
+class OllamaMessage(Body):
     role: Literal["system", "user", "assistant", "tool"]
     content: str | None = None
     thinking: str | None = None
@@ -127,18 +124,18 @@ class OllamaMessage(_Body):
     tool_call_id: str | None = None
 
 
-class OllamaFunction(_Body):
+class OllamaFunction(Body):
     name: str = Field(min_length=1, max_length=256)
     description: str | None = None
     parameters: dict[str, Any] | None = None
 
 
-class OllamaTool(_Body):
+class OllamaTool(Body):
     type: Literal["function"] = "function"
     function: OllamaFunction
 
 
-class _Request(_Body):
+class _Request(Body):
     model: str = Field(min_length=1)
     stream: bool = True
     think: bool | Literal["low", "medium", "high"] | None = None
@@ -183,7 +180,7 @@ class OllamaGenerateRequest(_Request):
     images: list[Any] | None = None
 
 
-class OllamaShowRequest(_Body):
+class OllamaShowRequest(Body):
     model: str | None = None
     name: str | None = None  # what older clients send
     verbose: bool = False

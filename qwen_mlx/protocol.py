@@ -14,22 +14,25 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)  # "0.5" is no number, true no count: a 400
+class Body(BaseModel):
+    """The base of every protocol's request bodies (OpenAI's here, Anthropic's, Ollama's): unknown fields are
+    ignored, known ones are strict ("0.5" is no number, true no count: a 400)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
-class ToolCallFunction(_Body):
+class ToolCallFunction(Body):
     name: str
     arguments: str | dict[str, Any] = "{}"
 
 
-class MessageToolCall(_Body):
+class MessageToolCall(Body):
     id: str | None = None
     type: Literal["function"] = "function"
     function: ToolCallFunction
 
 
-class Message(_Body):
+class Message(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
@@ -40,39 +43,39 @@ class Message(_Body):
     thinking: str | None = None
 
 
-class FunctionSpec(_Body):
+class FunctionSpec(Body):
     name: str = Field(min_length=1, max_length=256)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(_Body):
+class Tool(Body):
     type: Literal["function"] = "function"
     function: FunctionSpec
 
 
-class NamedFunction(_Body):
+class NamedFunction(Body):
     name: str
 
 
-class NamedToolChoice(_Body):
+class NamedToolChoice(Body):
     type: Literal["function"] = "function"
     function: NamedFunction
 
 
-class StreamOptions(_Body):
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class JsonSchemaFormat(_Body):
+class JsonSchemaFormat(Body):
     name: str = "response"
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(Body):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -82,7 +85,7 @@ class ChatTemplateKwargs(BaseModel):
     enable_thinking: bool | None = None
 
 
-class _Sampling(_Body):
+class _Sampling(Body):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

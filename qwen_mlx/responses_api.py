@@ -59,10 +59,11 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .parser import Answer, Reasoning, ToolCall, ToolCallError
+from .protocol import Body
 from .sampling import Sampling
 from .scheduler import Failed, Finished, Scheduler, Ticket
 from .turn import EFFORT_BUDGETS, TurnOptions, TurnPlan, Turns
-from .wire import APIError, gather, sse, updates
+from .wire import KEEPALIVE, APIError, gather, sse, updates
 
 log = logging.getLogger("qwen_mlx.serve")
 
@@ -71,10 +72,6 @@ STORE_SIZE = 256
 TEXT_PARTS = ("input_text", "output_text", "text")
 MEDIA_PARTS = ("input_image", "input_file", "input_audio")
 ROLES = ("user", "system", "developer", "assistant")
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)  # "0.5" is no number, true no count: a 400
 
 
 class Part(BaseModel):
@@ -122,13 +119,13 @@ class ToolChoiceSpec(BaseModel):
     tools: list[dict[str, Any]] | None = None  # allowed_tools
 
 
-class ReasoningConfig(_Body):
+class ReasoningConfig(Body):
     effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     summary: str | None = None
     generate_summary: str | None = None
 
 
-class TextFormat(_Body):
+class TextFormat(Body):
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = None
     description: str | None = None
@@ -136,12 +133,12 @@ class TextFormat(_Body):
     strict: bool | None = None
 
 
-class TextConfig(_Body):
+class TextConfig(Body):
     format: TextFormat | None = None
     verbosity: str | None = None
 
 
-class ResponsesRequest(_Body):
+class ResponsesRequest(Body):
     model: str | None = None
     input: str | list[InputItem] | None = None
     instructions: str | None = None
@@ -653,7 +650,7 @@ async def _response_stream(
         yield event("response.in_progress", response=head)
         async for update in updates(ticket, keepalive_s):
             if update is None:  # a long prefill: keep the client's read timeout from firing
-                yield ": keep-alive\n\n"
+                yield KEEPALIVE
                 continue
             if isinstance(update, Failed):
                 yield event("error", code="server_error", message=update.error, param=None)

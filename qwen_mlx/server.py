@@ -47,9 +47,8 @@ from .protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from .sampling import Sampling
 from .scheduler import Failed, Finished, Scheduler, Ticket
 from .turn import EFFORT_BUDGETS, TurnOptions, TurnPlan, Turns
-from .wire import KEEPALIVE_S, APIError, error_body, error_response, gather, logprobs_json, sse, updates
+from .wire import KEEPALIVE, KEEPALIVE_S, APIError, error_body, error_response, gather, logprobs_json, sse, updates
 
-KEEPALIVE = ": keep-alive\n\n"
 # Answered without the API key: they say only that a server is up (clients probe `/` before they log in).
 OPEN_PATHS = ("/health", "/")
 REASONING_FIELDS = ("reasoning_content", "reasoning", "think")

@@ -322,11 +322,11 @@ class LoopGuard:
         self.period: int | None = None  # the repeated span's length, once a loop is caught
 
     def feed(self, token: int) -> bool:
-        """Add a generated token; True once the reply is looping."""
+        """Add a generated token; True at the token that shows the reply is looping (`period` says so after)."""
         tokens = self.tokens
         tokens.append(token)
         if self.period is not None or len(tokens) % self.EVERY or len(tokens) < self.MIN_LOOP:
-            return self.period is not None
+            return False
         for period in range(1, self.MAX_PERIOD + 1):
             span = max(self.MIN_LOOP, self.MIN_REPEATS * period)
             if span > len(tokens):

@@ -29,6 +29,7 @@ from .scheduler import Failed, Finished, Scheduler, Step, Ticket
 
 DISCONNECT_POLL_S = 0.5
 KEEPALIVE_S = 10.0
+KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients ignore it, and their read timeout starts again
 
 # Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors).
 ANTHROPIC_ERROR_TYPES = {

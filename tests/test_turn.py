@@ -65,7 +65,7 @@ def test_long_real_text_and_short_repeats_are_no_loop():
     ids = tokenizer.encode(text)[:6000]
     rule = tokenizer.encode(" 0,") * 300  # a 300-element zero array
     guard = LoopGuard()
-    assert not any(guard.feed(t) for t in ids + rule + ids[:2000])
+    assert not any(guard.feed(t) for t in ids + rule + ids[:2000]) and guard.period is None
 
 
 def test_turns_without_max_tokens_get_the_planners_default(turns):
