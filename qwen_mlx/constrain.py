@@ -15,8 +15,11 @@ Design decisions:
 - llguidance treats every added token (`<think>`, `<tool_call>`, ...) as special: none can appear inside the
   JSON. The tokenizer's end tokens are its end-of-sequence tokens, allowed exactly when the document is
   complete, and then only they are.
-- JSON may come compact or pretty-printed, but a run of whitespace is capped at `MAX_WHITESPACE_RUN`
-  characters, so a weak model cannot pad forever between two tokens of structure.
+- JSON may come compact or pretty-printed, but whitespace is never free-running: between two tokens of
+  structure there is at most one separator, a space or a line break and its indentation (up to
+  `MAX_INDENT` spaces or tabs), what `json.dumps` writes and no more. A weak model then cannot pad a reply
+  with `\n \n \n ...` until its token cap (llguidance's default, like xgrammar's, is any whitespace).
+- Once the top-level value closes, only end tokens are allowed: the answer ends with its JSON.
 - The mask goes onto the logits as plain MLX ops on the packed bitmask, on the device (llguidance's own MLX
   helper is a Metal kernel, which the CPU backend lacks); ~0.6 ms a step on a 2-core CPU.
 - A token the mask refused (another processor or sampler ignored it) puts the matcher in an error state; the
@@ -38,10 +41,11 @@ import numpy as np
 from .errors import QwenMLXError
 from .tokenizer import Tokenizer
 
-# Longest run of JSON whitespace between two tokens of structure: a newline and 20 spaces of indentation.
-MAX_WHITESPACE_RUN = 24
+# Deepest indentation after a line break inside JSON: 10 levels of 4 spaces (or 40 tabs).
+MAX_INDENT = 40
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
-_JSON_OPTIONS = {"whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{1,{MAX_WHITESPACE_RUN}}}"}
+# One separator between tokens of structure: a space, or a line break (\n or \r\n) and its indentation.
+_JSON_OPTIONS = {"whitespace_pattern": rf"\x20|\x0D?\x0A[\x20\x09]{{0,{MAX_INDENT}}}"}
 
 _ll_tokenizers: weakref.WeakKeyDictionary[Tokenizer, dict[int, llguidance.LLTokenizer]] = weakref.WeakKeyDictionary()
 _ll_tokenizers_lock = threading.Lock()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from fixtures import VOCAB_SIZE, tokenizer_dir
 
-from qwen_mlx.constrain import MAX_WHITESPACE_RUN, JsonConstraint, response_format_grammar
+from qwen_mlx.constrain import MAX_INDENT, JsonConstraint, response_format_grammar
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.tokenizer import Tokenizer
 
@@ -143,26 +143,52 @@ def test_special_tokens_never_inside_the_json(tokenizer):
     assert not inside_string & (specials | end_ids(tokenizer))
 
 
-def test_compact_and_pretty_json_are_both_allowed_but_whitespace_is_capped(tokenizer):
+def walk(tokenizer: Tokenizer, processor: JsonConstraint, text: str) -> list[int]:
+    """Feed `text`'s tokens through `processor`, asserting each is allowed; the history, ready for one more step."""
+    history = [0]
+    for token in tokenizer.encode(text):
+        assert token in allowed(processor, history), (text, tokenizer.decode([token]))
+        history.append(token)
+    return history
+
+
+@pytest.mark.parametrize("indent", [None, 2, 4, "\t"])
+def test_compact_and_pretty_json_are_allowed_and_the_answer_ends_with_its_value(tokenizer, indent):
     grammar = response_format_grammar({"type": "json_object"})
-    for text in ('{"a":1,"b":[true,null]}', json.dumps({"a": 1, "b": [True, {"c": None}]}, indent=4)):
+    document = {"a": 1, "b": [True, {"c": None}], "d": {"e": {"f": "g"}}}
+    for separators in (None, (",", ":")):
         processor = JsonConstraint(tokenizer, grammar, VOCAB_SIZE)
-        history = [0]
-        for token in tokenizer.encode(text):
-            assert token in allowed(processor, history), (text, tokenizer.decode([token]))
-            history.append(token)
+        history = walk(tokenizer, processor, json.dumps(document, indent=indent, separators=separators))
         assert allowed(processor, history) == end_ids(tokenizer)
         assert processor.done
+
+
+def test_whitespace_is_one_separator_never_a_run(tokenizer):
+    grammar = response_format_grammar({"type": "json_object"})
+    space, newline = tokenizer.encode(" ")[0], tokenizer.encode("\n")[0]
     processor = JsonConstraint(tokenizer, grammar, VOCAB_SIZE)
-    space = tokenizer.encode(" ")[0]
-    history = [0]
-    for token in tokenizer.encode('{"a":'):
-        allowed(processor, history)
+    history = walk(tokenizer, processor, '{"answer": 333')
+    assert {space, newline} <= allowed(processor, history)
+    history.append(space)  # `333 ` and then the padding a weak model reaches for: `\n \n \n ...`
+    after_space = allowed(processor, history)
+    assert not {space, newline} & after_space
+    assert {tokenizer.encode(",")[0], tokenizer.encode("}")[0]} <= after_space
+
+    processor = JsonConstraint(tokenizer, grammar, VOCAB_SIZE)
+    history = walk(tokenizer, processor, '{"answer":\n' + " " * MAX_INDENT)
+    assert not {space, newline} & allowed(processor, history)
+    for padded in ('{"a": 1 \n', '{"a":\n\n', '{"a":  1', '{"a": 1}\n'):
+        assert not accepts(tokenizer, grammar, padded), padded
+
+
+def accepts(tokenizer: Tokenizer, grammar: str, text: str) -> bool:
+    """Whether every token of `text` is allowed in turn."""
+    processor, history = JsonConstraint(tokenizer, grammar, VOCAB_SIZE), [0]
+    for token in tokenizer.encode(text):
+        if token not in allowed(processor, history):
+            return False
         history.append(token)
-    for _ in range(MAX_WHITESPACE_RUN):
-        assert space in allowed(processor, history)
-        history.append(space)
-    assert space not in allowed(processor, history)
+    return True
 
 
 def test_copies_are_independent(tokenizer):
