@@ -7,11 +7,15 @@ Design decisions:
   engine's later updates for that turn are dropped; the engine stops at its next token.
 - A named chat (after /save, or --resume) is saved after every turn; the store makes each save one
   transaction, so a crash leaves the previous version.
+- Another app on the same store may have saved a newer version under this chat's name: the store then keeps
+  both and saves this one under a new name, and the app says so in the conversation (from then on this chat
+  is that name), so no save of either app disappears unseen.
 """
 
 from __future__ import annotations
 
 import itertools
+import shlex
 import time
 from dataclasses import dataclass, replace
 
@@ -464,14 +468,12 @@ class ChatApp(App):
             self.status.context_used = 0
             await self._show_conversation()
         elif name == "/save":
-            previous, c.name = c.name, value or c.name or time.strftime("chat-%Y%m%d-%H%M%S")
-            try:
-                self.store.save(c)
-            except QwenMLXError:
-                c.name = previous  # a refused name must not become the name autosave uses
-                raise
+            saved = self.store.save(c, value or c.name or time.strftime("chat-%Y%m%d-%H%M%S"))
+            if saved.note:
+                await self.say(saved.note)
             exported = self.store.export_markdown(c)
-            await self.say(f"saved as {c.name!r} (qwen-mlx chat --resume {c.name}); Markdown: {exported}")
+            resume = shlex.quote(c.name)  # a name with a space, like "shared (2)", is one shell word
+            await self.say(f"saved as {c.name!r} (qwen-mlx chat --resume {resume}); Markdown: {exported}")
         elif name == "/load":
             self._refuse_while_answering()
             self.conversation = self.store.load(value)
@@ -501,6 +503,9 @@ class ChatApp(App):
         if self.conversation.name is None:
             return
         try:
-            self.store.save(self.conversation)
+            saved = self.store.save(self.conversation)
         except QwenMLXError as error:
             await self.say(f"could not save: {error}", error=True)
+            return
+        if saved.note:
+            await self.say(f"{saved.note} (qwen-mlx chat --resume {shlex.quote(saved.name)})")

@@ -7,6 +7,15 @@ Design decisions:
 - Each save replaces the chat's rows completely inside one `BEGIN IMMEDIATE` transaction, so a crash or an
   error mid-save leaves the previous version whole. IMMEDIATE takes the write lock before reading, so a
   second app on the same file waits out `busy_timeout` instead of failing on a lock upgrade.
+- Several apps may share the file, so a save never overwrites a version its chat has not seen. Every save
+  writes a fresh random revision token into the chat's row, and the conversation keeps the (name, token) it
+  last loaded or saved (`Conversation.saved`). A save whose name holds any other version (another app's
+  `/save shared`, or its autosave after this one loaded the chat) keeps that version and goes to the next
+  free name, `shared (2)`, with a note for the user; the conversation is that chat from then on. The check
+  and the write are one IMMEDIATE transaction, so of two racing writers exactly one sees its version.
+  A random token rather than a counter: a chat deleted and saved again by someone else starts over, and a
+  counter would match the old one's. A chat another app deleted is saved again under its name without a
+  note: nothing of anyone's is lost, and the user of this app asked for exactly that name.
 - WAL with `synchronous=FULL` (and `fullfsync` on macOS): WAL alone survives the app crashing, FULL also
   survives power loss after a save returns. It costs one fsync per saved turn, nothing next to a turn.
 - The schema is versioned with `PRAGMA user_version`; `MIGRATIONS[i]` takes a database from version i to
@@ -22,11 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 import tempfile
 import time
 import unicodedata
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -34,7 +46,7 @@ import platformdirs
 
 from qwen_mlx.errors import QwenMLXError
 
-from .conversation import Conversation, Message
+from .conversation import Conversation, Message, SavedVersion
 
 DATA_ENV = "QWEN_MLX_DATA"
 DB_NAME = "chats.sqlite3"
@@ -80,8 +92,13 @@ def _create_v1(conn: sqlite3.Connection) -> None:
     )
 
 
-# MIGRATIONS[i] takes a database at user_version i to i + 1; add v2 by appending its function.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1]
+def _add_revision_v2(conn: sqlite3.Connection) -> None:
+    # Chats saved before revisions share the empty one: the first app to save such a chat again takes it.
+    conn.execute("ALTER TABLE conversations ADD COLUMN revision TEXT NOT NULL DEFAULT ''")
+
+
+# MIGRATIONS[i] takes a database at user_version i to i + 1; add a version by appending its function.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1, _add_revision_v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -96,6 +113,30 @@ def check_name(name: str | None) -> str:
     if any(unicodedata.category(c) == "Cc" for c in name):
         raise QwenMLXError(f"chat name {name!r} contains a control character; use printable characters only")
     return name
+
+
+# "shared (2)": the suffix a kept-both save gets; a short number only, so "notes (2026)" is its own name.
+_NUMBERED = re.compile(r"^(.*) \((\d{1,6})\)$")
+
+
+def _free_name(conn: sqlite3.Connection, name: str) -> str:
+    """The first unused `name (n)`: n from 2, or after the number `name` already ends with."""
+    match = _NUMBERED.match(name)
+    base, n = (match[1], int(match[2]) + 1) if match else (name, 2)
+    while True:
+        suffix = f" ({n})"
+        candidate = base[: MAX_NAME_LENGTH - len(suffix)] + suffix
+        if conn.execute("SELECT 1 FROM conversations WHERE name = ?", (candidate,)).fetchone() is None:
+            return candidate
+        n += 1
+
+
+@dataclass(frozen=True)
+class Saved:
+    """Where a save went: `name`, and a `note` for the user when that is not the name asked for."""
+
+    name: str
+    note: str | None = None
 
 
 def _message_row(conversation_id: int, position: int, m: Message) -> tuple:
@@ -161,53 +202,86 @@ class Store:
             yield self._conn
 
     @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: its reads see one committed version, never half of a save made between them."""
+        with self._conn:
+            self._conn.execute("BEGIN")
+            yield self._conn
+
+    @contextlib.contextmanager
     def _sqlite_errors(self, action: str) -> Iterator[None]:
         try:
             yield
         except sqlite3.Error as e:
             raise QwenMLXError(f"could not {action} in {self.path}: {e}") from None
 
-    def save(self, conversation: Conversation) -> None:
-        """Write `conversation` under its name, replacing any chat saved under that name, all or nothing."""
-        name = check_name(conversation.name)
+    def save(self, conversation: Conversation, name: str | None = None) -> Saved:
+        """Write `conversation` as `name` (default: its own name), all or nothing, and say where it went.
+
+        It replaces the chat saved under that name only if that is the version the conversation last loaded
+        or saved; any other version is kept, and this one goes to the next free name (`Saved.note` says so).
+        On success the conversation takes the name it was saved under; on failure it is left as it was.
+        """
+        wanted = check_name(conversation.name if name is None else name)
         c = conversation
-        with self._sqlite_errors(f"save chat {name!r}"), self._transaction() as conn:
+        revision = uuid.uuid4().hex
+        note = None
+        with self._sqlite_errors(f"save chat {wanted!r}"), self._transaction() as conn:
+            target = wanted
+            row = conn.execute("SELECT id, revision FROM conversations WHERE name = ?", (wanted,)).fetchone()
+            if row is not None and c.saved != SavedVersion(wanted, row[1]):
+                target, row = _free_name(conn, wanted), None
+                if c.saved is not None and c.saved.name == wanted:
+                    note = f"{wanted!r} was saved by another chat since this one opened it; both are kept"
+                else:
+                    note = f"a chat named {wanted!r} is already saved; it is kept"
+                note += f", and this one is now {target!r}"
             # Strictly after every other chat, so names() is in save order even when the clock stalls or steps back.
             last = conn.execute("SELECT max(updated) FROM conversations").fetchone()[0]
             now = time.time() if last is None else max(time.time(), last + 1e-6)
-            conn.execute(
-                """INSERT INTO conversations (name, model, system, thinking, budget, temperature, created, updated)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                ON CONFLICT (name) DO UPDATE SET model = excluded.model, system = excluded.system,
-                    thinking = excluded.thinking, budget = excluded.budget, temperature = excluded.temperature,
-                    updated = excluded.updated""",
-                (name, c.model, c.system, c.thinking, c.budget, c.temperature, now, now),
-            )
-            (conversation_id,) = conn.execute("SELECT id FROM conversations WHERE name = ?", (name,)).fetchone()
-            conn.execute("DELETE FROM messages WHERE conversation = ?", (conversation_id,))
+            settings = (c.model, c.system, c.thinking, c.budget, c.temperature, revision, now)
+            if row is None:
+                conversation_id = conn.execute(
+                    """INSERT INTO conversations
+                    (model, system, thinking, budget, temperature, revision, updated, name, created)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (*settings, target, now),
+                ).lastrowid
+            else:
+                conversation_id = row[0]
+                conn.execute(
+                    """UPDATE conversations SET model = ?, system = ?, thinking = ?, budget = ?, temperature = ?,
+                    revision = ?, updated = ? WHERE id = ?""",
+                    (*settings, conversation_id),
+                )
+                conn.execute("DELETE FROM messages WHERE conversation = ?", (conversation_id,))
             conn.executemany(
                 "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (_message_row(conversation_id, i, m) for i, m in enumerate(c.messages)),
             )
+        c.name, c.saved = target, SavedVersion(target, revision)
+        return Saved(target, note)
 
     def load(self, name: str) -> Conversation:
         """The chat saved as `name`; a QwenMLXError naming the saved chats when there is none."""
-        with self._sqlite_errors(f"load chat {name!r}"):
-            row = self._conn.execute(
-                "SELECT id, model, system, thinking, budget, temperature FROM conversations WHERE name = ?", (name,)
+        with self._sqlite_errors(f"load chat {name!r}"), self._snapshot() as conn:
+            row = conn.execute(
+                "SELECT id, model, system, thinking, budget, temperature, revision FROM conversations WHERE name = ?",
+                (name,),
             ).fetchone()
             if row is None:
                 raise self._missing(name)
-            conversation_id, model, system, thinking, budget, temperature = row
+            conversation_id, model, system, thinking, budget, temperature, revision = row
             messages = [
                 Message(role, content, reasoning, reasoning_tokens, thought_s, bool(stopped))
-                for role, content, reasoning, reasoning_tokens, thought_s, stopped in self._conn.execute(
+                for role, content, reasoning, reasoning_tokens, thought_s, stopped in conn.execute(
                     """SELECT role, content, reasoning, reasoning_tokens, thought_s, stopped FROM messages
                     WHERE conversation = ? ORDER BY position""",
                     (conversation_id,),
                 )
             ]
-        return Conversation(name, model, system, bool(thinking), budget, temperature, messages)
+        saved = SavedVersion(name, revision)
+        return Conversation(name, model, system, bool(thinking), budget, temperature, messages, saved)
 
     def names(self) -> list[str]:
         """Saved chat names, most recently saved first."""

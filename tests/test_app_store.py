@@ -1,19 +1,28 @@
-"""The chat store on real SQLite files: round trips, replacement, names, refusals, crash safety, exports."""
+"""The chat store on real SQLite files: round trips, replacement, names, refusals, crash safety, exports, and
+several apps on one file (two stores, two processes, the app's notes)."""
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
+from test_app import SIZE, ask, ready, send, wait_until
 
 from qwen_mlx.app import store as store_module
+from qwen_mlx.app.app import ChatApp, Source
+from qwen_mlx.app.backends import LocalBackend
 from qwen_mlx.app.conversation import Conversation, Message
-from qwen_mlx.app.store import SCHEMA_VERSION, Store
+from qwen_mlx.app.store import SCHEMA_VERSION, Saved, Store
+from qwen_mlx.app.widgets import Notice
 from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.parser import Answer
+from qwen_mlx.turn import ChatStats, Done
 
 
 def chat(name: str | None = "work", turns: int = 2, **settings) -> Conversation:
@@ -75,20 +84,39 @@ def test_default_path_follows_the_env_var(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_saving_again_replaces_the_chat(store: Store) -> None:
-    store.save(chat(turns=3, temperature=0.5))
-    shorter = chat(turns=1, system="New system prompt.")
-    store.save(shorter)
-    assert store.load("work") == shorter
+    c = chat(turns=3, temperature=0.5)
+    assert store.save(c) == Saved("work")
+    c.messages, c.system = c.messages[:2], "New system prompt."
+    assert store.save(c) == Saved("work")
+    assert store.load("work") == c
     assert len(store.load("work").messages) == 2
     assert store.names() == ["work"]
+    # A loaded chat is the version it was loaded from: saving it again updates it too.
+    loaded = store.load("work")
+    loaded.messages.append(Message("user", "one more"))
+    assert store.save(loaded) == Saved("work")
+    assert store.load("work") == loaded and store.names() == ["work"]
+
+
+def test_a_new_chat_under_a_saved_name_keeps_both(store: Store) -> None:
+    """`/save work` from a chat that never was 'work' (this app's or another's) keeps the saved one."""
+    first = chat(turns=3)
+    store.save(first)
+    second = chat(turns=1, system="Another chat.")
+    saved = store.save(second)
+    assert saved.name == second.name == "work (2)"
+    assert saved.note == "a chat named 'work' is already saved; it is kept, and this one is now 'work (2)'"
+    assert store.load("work") == first and store.load("work (2)") == second
+    assert store.names() == ["work (2)", "work"]
 
 
 def test_names_most_recently_saved_first(store: Store) -> None:
     assert store.names() == []
-    for name in ["a", "b", "c"]:
-        store.save(chat(name))
+    chats = {name: chat(name) for name in ["a", "b", "c"]}
+    for c in chats.values():
+        store.save(c)
     assert store.names() == ["c", "b", "a"]
-    store.save(chat("a"))
+    store.save(chats["a"])
     assert store.names() == ["a", "c", "b"]
 
 
@@ -148,12 +176,174 @@ def test_long_and_unusual_names_are_fine(store: Store) -> None:
 
 def test_two_stores_on_one_file(store: Store) -> None:
     with Store(store.path) as other:
-        store.save(chat("a"))
+        a = chat("a")
+        store.save(a)
         other.save(chat("b", turns=1))
-        store.save(chat("a", turns=3))
+        a.messages = chat(turns=3).messages
+        store.save(a)
         assert other.load("a") == chat("a", turns=3)
         assert store.load("b") == chat("b", turns=1)
         assert store.names() == other.names() == ["a", "b"]
+
+
+# --- two apps on one store: a save never replaces a version its chat has not seen ---------------------
+
+
+def test_a_second_app_saving_the_same_name_keeps_the_first(store: Store) -> None:
+    """A and B both `/save shared`: B's is saved as `shared (2)`, A's is intact, and each goes on with its own."""
+    with Store(store.path) as other:
+        a, b = chat("shared", turns=1), chat("shared", turns=2, system="B's")
+        assert store.save(a) == Saved("shared")
+        saved = other.save(b)
+        assert saved.name == b.name == "shared (2)" and "'shared' is already saved" in saved.note
+        assert other.load("shared") == a and store.load("shared (2)") == b
+        # Autosaves after that: each app updates its own chat, with nothing more to say.
+        a.messages.append(Message("user", "A again"))
+        b.messages.append(Message("user", "B again"))
+        assert store.save(a) == Saved("shared") and other.save(b) == Saved("shared (2)")
+        assert other.load("shared") == a and store.load("shared (2)") == b
+        assert sorted(store.names()) == ["shared", "shared (2)"]
+
+
+def test_an_autosave_after_another_apps_save_goes_to_a_new_name(store: Store) -> None:
+    with Store(store.path) as other:
+        a = chat("shared", turns=1)
+        store.save(a)
+        b = other.load("shared")  # B opens A's chat and goes on with it
+        b.messages.append(Message("user", "B's turn"))
+        assert other.save(b) == Saved("shared")
+        a.messages.append(Message("user", "A's turn"))  # A, not knowing, answers on and autosaves
+        saved = store.save(a)
+        assert saved == Saved(
+            "shared (2)",
+            "'shared' was saved by another chat since this one opened it; both are kept, and this one is now "
+            "'shared (2)'",
+        )
+        assert a.name == "shared (2)"
+        assert store.load("shared") == b and other.load("shared (2)") == a
+        # From then on A is 'shared (2)', and B's next autosave still updates 'shared'.
+        a.messages.append(Message("user", "A again"))
+        b.messages.append(Message("user", "B again"))
+        assert store.save(a) == Saved("shared (2)") and other.save(b) == Saved("shared")
+        assert store.load("shared") == b and other.load("shared (2)") == a
+
+
+def test_a_chat_deleted_by_another_app_is_saved_again_under_its_name(store: Store) -> None:
+    with Store(store.path) as other:
+        a = chat("mine")
+        store.save(a)
+        other.delete("mine")
+        a.messages.append(Message("user", "still here"))
+        assert store.save(a) == Saved("mine")  # nothing of anyone's is lost: no note
+        assert other.load("mine") == a
+        # Deleted, then another chat saved under the name: that one is not this chat's version.
+        other.delete("mine")
+        theirs = chat("mine", turns=1, system="theirs")
+        other.save(theirs)
+        assert store.save(a).name == "mine (2)"
+        assert other.load("mine") == theirs and other.load("mine (2)") == a
+
+
+@pytest.mark.parametrize(
+    ("taken", "wanted", "expected"),
+    [
+        (["shared", "shared (2)"], "shared", "shared (3)"),
+        (["shared", "shared (2)"], "shared (2)", "shared (3)"),  # a copy of a copy is the next number
+        (["notes (2026)"], "notes (2026)", "notes (2027)"),
+        (["v (1234567)"], "v (1234567)", "v (1234567) (2)"),  # a long number is part of the name
+        (["x" * 100], "x" * 100, "x" * 96 + " (2)"),  # the longest name still fits
+    ],
+)
+def test_the_kept_both_name_is_the_next_free_one(store: Store, taken: list[str], wanted: str, expected: str) -> None:
+    for name in taken:
+        store.save(chat(name))
+    assert store.save(chat(wanted, turns=1)).name == expected
+    assert store.load(expected) == chat(expected, turns=1)
+
+
+def test_a_failed_save_leaves_the_conversation_as_it_was(store: Store) -> None:
+    c = chat("work")
+    store.save(c)
+    before = c.saved
+    c.messages[1].content = object()  # sqlite3 cannot bind it
+    with pytest.raises(QwenMLXError, match="could not save chat 'other'"):
+        store.save(c, "other")
+    assert (c.name, c.saved) == ("work", before)  # autosave goes on saving as 'work'
+    assert store.names() == ["work"]
+
+
+_RACER = textwrap.dedent(
+    """
+    import sys, time
+    from qwen_mlx.app.conversation import Conversation, Message
+    from qwen_mlx.app.store import Store
+
+    path, tag, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    store = Store(path)
+    own = Conversation(name="shared")
+    while time.time() < start_at:  # both processes begin together
+        pass
+    for i in range(50):
+        own.messages.append(Message("user", f"{tag} {i}"))
+        store.save(own)  # an autosave of this app's chat
+        store.save(Conversation(name="race", messages=[Message("user", f"{tag} {i}")]))  # a new chat each time
+        time.sleep(0.002)  # SQLite's lock is not fair: a writer that never pauses would finish before the other starts
+    print(own.name)
+    """
+)
+
+
+def test_two_processes_saving_at_once_lose_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "chats.sqlite3"
+    Store(path).close()  # the schema exists before the race starts
+    start_at = time.time() + 1.5  # time for both interpreters to start and open the store
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(path), tag, str(start_at)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for tag in ("A", "B")
+    ]
+    outputs = [racer.communicate(timeout=120) for racer in racers]
+    for racer, (_, stderr) in zip(racers, outputs, strict=True):
+        assert racer.returncode == 0, stderr
+    own_names = {tag: out.strip() for tag, (out, _) in zip("AB", outputs, strict=True)}
+    assert sorted(own_names.values()) == ["shared", "shared (2)"]
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    finally:
+        conn.close()
+    with Store(path) as store:
+        # Each app's chat is whole, under the name it was told, with every one of its 50 turns.
+        for tag, name in own_names.items():
+            assert [m.content for m in store.load(name).messages] == [f"{tag} {i}" for i in range(50)]
+        # And all 100 new chats are there, each once.
+        race = [n for n in store.names() if n.startswith("race")]
+        contents = sorted(store.load(n).messages[0].content for n in race)
+        assert len(race) == 100 and contents == sorted(f"{tag} {i}" for tag in "AB" for i in range(50))
+
+
+def test_a_version_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "chats.sqlite3"
+    conn = sqlite3.connect(path)
+    with conn:
+        store_module.MIGRATIONS[0](conn)
+        conn.execute("PRAGMA user_version=1")
+        conn.execute(
+            "INSERT INTO conversations (name, model, system, thinking, created, updated) "
+            "VALUES ('old', '', '', 1, 0, 0)"
+        )
+        conn.execute("INSERT INTO messages VALUES (1, 0, 'user', 'from before', '', 0, 0, 0)")
+    conn.close()
+    with Store(path) as store:
+        old = store.load("old")
+        assert [m.content for m in old.messages] == ["from before"]
+        old.messages.append(Message("user", "and after"))
+        assert store.save(old) == Saved("old")  # the chat it loaded: updated in place
+        assert len(store.load("old").messages) == 2
 
 
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -169,7 +359,7 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 def test_schema_is_versioned_and_crash_safe(store: Store) -> None:
     conn = sqlite3.connect(store.path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         conn.close()
@@ -200,8 +390,9 @@ def test_a_failure_mid_save_keeps_the_previous_version(store: Store, monkeypatch
         return real_row(*args)
 
     monkeypatch.setattr(store_module, "_message_row", failing_row)
+    changed = dataclasses.replace(before, messages=chat(turns=2).messages, temperature=0.9, system="changed")
     with pytest.raises(RuntimeError, match="mid-save"):
-        store.save(chat(turns=2, temperature=0.9, system="changed"))
+        store.save(changed)
     assert rows == 3
     assert store.load("work") == before
     monkeypatch.undo()
@@ -215,7 +406,7 @@ def test_a_failure_mid_save_keeps_the_previous_version(store: Store, monkeypatch
 def test_a_bad_value_mid_save_keeps_the_previous_version(store: Store) -> None:
     before = chat()
     store.save(before)
-    broken = chat(turns=3)
+    broken = dataclasses.replace(before, messages=chat(turns=3).messages)  # the saved chat, changed
     broken.messages[3].content = object()  # sqlite3 cannot bind it: fails after three rows went in
     with pytest.raises(QwenMLXError, match="could not save chat 'work'"):
         store.save(broken)
@@ -230,7 +421,7 @@ def test_a_process_killed_mid_save_keeps_the_previous_version(store: Store) -> N
         f"""
         import os
         from qwen_mlx.app import store as store_module
-        from qwen_mlx.app.conversation import Conversation, Message
+        from qwen_mlx.app.conversation import Message
 
         real_row = store_module._message_row
         def row(conversation_id, position, message):
@@ -239,7 +430,9 @@ def test_a_process_killed_mid_save_keeps_the_previous_version(store: Store) -> N
             return real_row(conversation_id, position, message)
         store_module._message_row = row
         s = store_module.Store({str(store.path)!r})
-        s.save(Conversation(name="work", model="other", messages=[Message("user", "x" * 100_000)] * 100))
+        work = s.load("work")
+        work.messages = [Message("user", "x" * 100_000)] * 100
+        s.save(work)
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
@@ -351,3 +544,63 @@ def test_markdown_export_is_atomic(store: Store, monkeypatch: pytest.MonkeyPatch
 def test_markdown_export_to_a_missing_folder_is_one_line(store: Store, tmp_path: Path) -> None:
     with pytest.raises(QwenMLXError, match="^cannot write .*nowhere.*: No such file or directory$"):
         store.export_markdown(chat(), tmp_path / "nowhere" / "x.md")
+
+
+# --- the app: the note reaches the user, and the chat goes on under its new name ----------------------
+
+
+class EchoBackend:
+    """A backend with no model: it answers every message at once, so a turn (and its autosave) takes no time."""
+
+    label = "echo"
+    context_limit = 4096
+    notices: list[str] = []
+
+    def stream(self, messages, *, thinking, budget, temperature):
+        yield Answer(f"echo: {messages[-1]['content']}")
+        yield Done(ChatStats(completion_tokens=3, finish_reason="stop"))
+
+    def end_thinking(self) -> bool:
+        return False
+
+    def memory(self) -> None:
+        return None
+
+    def prompt_tokens(self, messages) -> None:
+        return None
+
+
+async def test_the_app_says_where_a_save_went_when_another_app_had_the_name(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(LocalBackend, "load", classmethod(lambda cls, model, **options: EchoBackend()))
+    other = Store(store.path)  # another app on the same file
+    theirs = chat("shared", turns=1)
+    other.save(theirs)
+    app = ChatApp(Source(model="echo"), store=store)
+
+    def notices() -> list[str]:
+        return [str(n.render()) for n in app.query(Notice)]
+
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(app)
+        await ask(pilot, "hello")
+        await send(pilot, "/save shared")
+        await wait_until(lambda: any("saved as" in n for n in notices()), what="the save notice")
+        assert "a chat named 'shared' is already saved; it is kept, and this one is now 'shared (2)'" in notices()
+        assert "saved as 'shared (2)' (qwen-mlx chat --resume 'shared (2)')" in notices()[-1]
+        assert app.conversation.name == "shared (2)" and other.load("shared") == theirs
+        # The other app opens this one's chat and saves a turn of its own; this app's next autosave keeps it.
+        forked = other.load("shared (2)")
+        forked.messages.append(Message("user", "the other app's turn"))
+        other.save(forked)
+        await ask(pilot, "again")
+        await wait_until(lambda: app.conversation.name == "shared (3)", what="the autosave under a new name")
+        assert notices()[-1] == (
+            "'shared (2)' was saved by another chat since this one opened it; both are kept, and this one is now "
+            "'shared (3)' (qwen-mlx chat --resume 'shared (3)')"
+        )
+        assert other.load("shared (2)") == forked and other.load("shared") == theirs
+        mine = [m.content for m in other.load("shared (3)").messages]
+        assert mine == ["hello", "echo: hello", "again", "echo: again"]
+    other.close()
