@@ -7,11 +7,15 @@ Design decisions:
   read as `num_experts`.
 - Settings that would change the maths but that this module does not implement (attention bias, sliding
   windows) are refused with a clear error rather than silently ignored.
+- Every size is checked here, from the file alone: positive, and no tensor dimension beyond what MLX can
+  shape (int32). Nothing here iterates over a count the file gives (`num_hidden_layers` may be anything
+  until the weights bound it: `qwen_mlx.checkpoint.bound_by_weights`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +23,8 @@ from .errors import QwenMLXError
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
+# MLX shapes are int32: a larger dimension cannot even be built, let alone loaded.
+MAX_DIMENSION = 2**31 - 1
 # JSON types accepted for each annotated field type (bool is an int subclass, so it is told apart).
 FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,),
@@ -98,8 +104,26 @@ class ModelArgs:
         sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
         if bad := [n for n in sizes if getattr(self, n) <= 0]:
             raise QwenMLXError(f"{source}: {bad[0]} must be positive, found {getattr(self, bad[0])}")
+        if self.head_dim is not None and self.head_dim <= 0:
+            raise QwenMLXError(f"{source}: head_dim must be positive, found {self.head_dim}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+            if not self.head_dim:
+                raise QwenMLXError(
+                    f"{source}: hidden_size ({self.hidden_size}) is smaller than num_attention_heads "
+                    f"({self.num_attention_heads}), so head_dim would be 0; set head_dim"
+                )
+        for name in ("intermediate_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            if getattr(self, name) < 0:
+                raise QwenMLXError(f"{source}: {name} must be 0 or more, found {getattr(self, name)}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not 0 < value <= sys.float_info.max:  # also NaN, inf, and ints too large for a float
+                raise QwenMLXError(f"{source}: {name} must be a positive number, found {value}")
+        if self.max_position_embeddings <= 0:
+            raise QwenMLXError(
+                f"{source}: max_position_embeddings must be positive, found {self.max_position_embeddings}"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise QwenMLXError(
                 f"{source}: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -118,9 +142,42 @@ class ModelArgs:
                 )
             if self.decoder_sparse_step < 1:
                 raise QwenMLXError(f"{source}: decoder_sparse_step must be >= 1, found {self.decoder_sparse_step}")
-        dense_layers = [i for i in range(self.num_hidden_layers) if not self.is_sparse_layer(i)]
-        if dense_layers and self.intermediate_size <= 0:
-            raise QwenMLXError(f"{source}: intermediate_size is missing (layer {dense_layers[0]} has a dense MLP)")
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.mlp_only_layers):
+                raise QwenMLXError(f"{source}: mlp_only_layers must be a list of layer numbers")
+        dense_layer = self.first_dense_layer()
+        if dense_layer is not None and self.intermediate_size <= 0:
+            raise QwenMLXError(f"{source}: intermediate_size is missing (layer {dense_layer} has a dense MLP)")
+        for name, value in self.dimensions().items():
+            if value > MAX_DIMENSION:
+                raise QwenMLXError(
+                    f"{source}: {name} is {value}, beyond the largest tensor dimension MLX can hold "
+                    f"({MAX_DIMENSION}); config.json is corrupt: download it again"
+                )
+
+    def first_dense_layer(self) -> int | None:
+        """The first layer with a dense MLP (None when every layer is sparse), found without iterating over
+        `num_hidden_layers`, which is not yet bounded by the weights."""
+        if not self.is_sparse_layer(0):  # a dense model, or decoder_sparse_step > 1, or layer 0 listed dense
+            return 0
+        # decoder_sparse_step is 1: only the layers mlp_only_layers names are dense.
+        return min((i for i in self.mlp_only_layers if 0 <= i < self.num_hidden_layers), default=None)
+
+    def dimensions(self) -> dict[str, int]:
+        """The config's sizes that become tensor dimensions (each appears unpacked in some tensor on disk:
+        a row count or a norm's length), named as an error would name them."""
+        dims = {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "head_dim": self.head_dim,
+            "num_attention_heads * head_dim": self.num_attention_heads * self.head_dim,
+            "num_key_value_heads * head_dim": self.num_key_value_heads * self.head_dim,
+        }
+        if self.first_dense_layer() is not None:
+            dims["intermediate_size"] = self.intermediate_size
+        if self.model_type == "qwen3_moe":
+            dims["num_experts"] = self.num_experts
+            dims["moe_intermediate_size"] = self.moe_intermediate_size
+        return dims
 
     @property
     def context_length(self) -> int:

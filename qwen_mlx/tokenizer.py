@@ -10,10 +10,14 @@ Design decisions:
   tokens come from `generation_config.json` like the model's own settings.
 - Streaming text uses `tokenizers`' `DecodeStream`, which holds back bytes of a character split across
   tokens (Chinese, emoji) until the character is whole.
+- A token's own bytes (logprobs report them) come from the byte-level alphabet, since decoding one token
+  of a split character gives U+FFFD; `tokenizers` exposes the alphabet's characters but not their bytes,
+  so the 256-entry table is built here as GPT-2 defined it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +30,7 @@ from tokenizers import Tokenizer as _Tokenizer
 from tokenizers.decoders import DecodeStream
 
 from .errors import QwenMLXError
-from .files import read_generation_config, read_json
+from .files import file_exists, read_generation_config, read_json, read_text
 
 # Qwen3's end-of-turn tokens, used only when a checkpoint has no generation_config.json.
 FALLBACK_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -55,8 +59,8 @@ def _environment() -> ImmutableSandboxedEnvironment:
 def read_chat_template(folder: Path, tokenizer_config: dict) -> str:
     """The template as the checkpoint ships it: `chat_template.jinja` wins over `tokenizer_config.json`."""
     jinja_file = folder / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+    if file_exists(jinja_file):
+        return read_text(jinja_file)
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -66,6 +70,16 @@ def read_chat_template(folder: Path, tokenizer_config: dict) -> str:
             f"{folder} has no chat template: add chat_template.jinja or a chat_template in tokenizer_config.json"
         )
     return template
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet reversed: the printable stand-in character of each byte -> that byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+
+
+_BYTE_LEVEL = _byte_level_table()
 
 
 class Detokenizer:
@@ -88,6 +102,7 @@ class Tokenizer:
         self._template = _environment().from_string(chat_template)
         self.end_token_ids = end_token_ids
         self._special = special  # bos_token, eos_token, ... for templates that use them
+        self._added: dict[int, str] | None = None  # added tokens' text, read on the first token_bytes
         self.think_start_id = self.token_id("<think>")
         self.think_end_id = self.token_id("</think>")
         self.tool_call_start_id = self.token_id("<tool_call>")
@@ -97,14 +112,14 @@ class Tokenizer:
     def load(cls, folder: str | Path) -> Tokenizer:
         folder = Path(folder)
         path = folder / "tokenizer.json"
-        if not path.is_file():
+        if not file_exists(path):  # a FIFO there would block the Rust reader forever
             raise QwenMLXError(f"{folder} has no tokenizer.json: copy the tokenizer files next to the weights")
         try:
             tokenizer = _Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust parser raises a bare Exception
             raise QwenMLXError(f"{path} is not a readable tokenizer ({e})") from None
         config_path = folder / "tokenizer_config.json"
-        config = read_json(config_path, obj=True) if config_path.is_file() else {}
+        config = read_json(config_path, obj=True) if file_exists(config_path) else {}
         template = read_chat_template(folder, config)
         end_ids = read_generation_config(folder).get("eos_token_id")
         if isinstance(end_ids, int):
@@ -113,7 +128,11 @@ class Tokenizer:
             end_ids = [i for i in (tokenizer.token_to_id(t) for t in FALLBACK_END_TOKENS) if i is not None]
         special = {k: config.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         special = {k: v.get("content") if isinstance(v, dict) else v for k, v in special.items()}
-        return cls(tokenizer, template, end_ids, special)
+        try:
+            return cls(tokenizer, template, end_ids, special)
+        except TemplateError as e:  # the template is compiled here: a syntax error, found before any prompt
+            where = "chat_template.jinja" if file_exists(folder / "chat_template.jinja") else config_path.name
+            raise QwenMLXError(f"{folder / where}: the chat template is not valid Jinja ({e})") from None
 
     @property
     def vocab_size(self) -> int:
@@ -123,13 +142,35 @@ class Tokenizer:
         return self._tokenizer.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+        # `encode_batch` lets go of the GIL while it works (`encode` holds it): a server that tokenizes a long
+        # prompt on a worker thread keeps answering on its event loop.
+        return self._tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
+
+    @functools.cached_property
+    def longest_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token stands for, so a text's byte length over it bounds its token count
+        from below (a token holding part of a character counts its U+FFFD: more, so the bound stays honest)."""
+        pieces = self._tokenizer.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+        return max((len(piece.encode()) for piece in pieces), default=1) or 1
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def detokenizer(self) -> Detokenizer:
         return Detokenizer(self._tokenizer)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes one token stands for: a token holding part of a character gives that part."""
+        if self._added is None:
+            self._added = {i: t.content for i, t in self._tokenizer.get_added_tokens_decoder().items()}
+        if token_id in self._added:
+            return self._added[token_id].encode()
+        piece = self._tokenizer.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if all(c in _BYTE_LEVEL for c in piece):
+            return bytes(_BYTE_LEVEL[c] for c in piece)
+        return self.decode([token_id]).encode()  # not a byte-level vocabulary: its text is all there is
 
     def apply_chat_template(
         self,
