@@ -1,8 +1,9 @@
 """`python -m qwen_mlx.convert` and `qwen-mlx convert`: the converter's command line.
 
 Flags map one to one onto `convert()`'s arguments; mlx-lm's spellings (`--hf-path`, `--mlx-path`, `-q`)
-are accepted so its users feel at home. Errors a user can fix print as one line and exit with status 1;
-SIGTERM is turned into an exception so an interrupted conversion cleans up its temporary folder.
+are accepted so its users feel at home. Errors a user can fix print as one line and exit with status 1
+(a full disk and an unwritable output folder among them); SIGTERM is turned into an exception so an
+interrupted conversion cleans up its temporary folder, and what a SIGKILL left is undone by the next run.
 """
 
 from __future__ import annotations

@@ -11,11 +11,17 @@ Design decisions:
 - The official Qwen3 FP8 checkpoints (float8_e4m3 weights, one `weight_scale_inv` per 128x128 block, as
   `quantization_config` describes) are decoded exactly with `mx.from_fp8`; mlx-lm cannot read them.
 - The folder is written beside OUT and renamed into place only when complete (`write_folder`), after a
-  disk-space check, so a failed or interrupted conversion leaves neither OUT nor a temporary folder.
+  disk-space check, so a failed or interrupted conversion leaves neither OUT nor a temporary folder. What
+  a SIGKILL left (a temporary folder, or an OUT set aside by `--force`) is undone first, before any
+  reading, by `recover_output`: the aside OUT comes back, the rest goes, each with a note on stderr.
+- The quality report runs in the dtype the model was converted to, unless the device cannot compute
+  its experts in it (MLX's CPU backend has `gather_mm` for float32 only): then both models are scored
+  in float32, which measures the same quantization error, and a note says so.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -30,7 +36,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 import qwen_mlx
-from qwen_mlx.checkpoint import DTYPES, cast_floats, check_weights, read_config, read_weights
+from qwen_mlx.checkpoint import DTYPES, cast_floats, check_weights, checkpoint_args, read_config, read_weights
 from qwen_mlx.config import ModelArgs
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.loader import resolve_model_path
@@ -42,10 +48,12 @@ from qwen_mlx.save import (
     check_out_folder,
     copy_companions,
     export_config,
+    recover_output,
     write_config,
     write_folder,
     write_weights,
 )
+from qwen_mlx.tokenizer import Tokenizer
 
 from .recipes import load_recipe
 from .report import MAX_CALIBRATION_TOKENS, format_report, human_size, quality_report, write_report
@@ -93,7 +101,7 @@ class Conversion:
 def open_source(source: str | Path, revision: str | None = None) -> Source:
     path = resolve_model_path(source, revision)
     config = read_config(path)
-    args = ModelArgs.from_dict(config, source=str(path / "config.json"))
+    args = checkpoint_args(path, config)  # bounded by the weights' headers before any model is built
     kind = "float"
     if isinstance(config.get("quantization"), dict):
         kind = "mlx-quantized"
@@ -270,7 +278,8 @@ def convert(
     if dtype is not None and dtype not in DTYPES:
         raise QwenMLXError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     out = Path(out).expanduser()
-    # Checked again by write_folder; here so a refusal comes before any reading.
+    # Both done again by write_folder; here so a refusal (or a restored OUT) comes before any reading.
+    recover_output(out, log)
     check_out_folder(out, force, hint="pass --force")
 
     src = open_source(source, revision)
@@ -287,6 +296,8 @@ def convert(
         )
     if dequantize and src.kind != "mlx-quantized":
         raise QwenMLXError(f"{src.path} is not an MLX-quantized folder; --dequantize has nothing to undo")
+    if (src.path / "tokenizer.json").exists():  # copied into OUT: a broken one would make OUT unusable
+        Tokenizer.load(src.path)
 
     dtype = dtype or source_dtype(src) or ("bfloat16" if src.kind == "fp8" else None)
     model = Model(src.args)  # lazy: its parameters give names and shapes and are never evaluated
@@ -334,7 +345,7 @@ def convert(
         conversion.files = sorted(p.name for p in folder.iterdir())
 
     log(f"converting {src.path} ({src.kind}, {src.args.model_type}) -> {out}")
-    write_folder(out, write, overwrite=force)
+    write_folder(out, write, overwrite=force, log=log)
     return conversion
 
 
@@ -346,6 +357,10 @@ def _evaluate(
     if not tokenizer.is_file():
         log("no tokenizer.json beside the weights: skipping the quality report")
         return None
+
+    if src.args.num_experts and not gather_mm_computes(DTYPES[dtype]):
+        log(f"this device has no {dtype} gather_mm for the experts: measuring quality in float32")
+        dtype = "float32"
 
     def source_model() -> Model:
         model = Model(src.args)
@@ -362,16 +377,35 @@ def _evaluate(
         )
         return None
     log("measuring quality on the calibration text (skip with --no-eval)")
-    report = quality_report(
-        source_model,
-        lambda: qwen_mlx.load(folder),
-        tokenizer,
-        bits_per_weight=conversion.bits_per_weight,
-        size_bytes=conversion.size_bytes,
-        max_tokens=eval_tokens,
-    )
+    try:
+        report = quality_report(
+            source_model,
+            lambda: qwen_mlx.load(folder, dtype=dtype),
+            tokenizer,
+            bits_per_weight=conversion.bits_per_weight,
+            size_bytes=conversion.size_bytes,
+            max_tokens=eval_tokens,
+        )
+    except RuntimeError as error:
+        # The weights are written and sound; a kernel this device lacks must not cost the conversion.
+        log(f"skipping the quality report: MLX could not evaluate the model on this device ({error})")
+        return None
     write_report(report, folder)
     return report
+
+
+@functools.cache
+def gather_mm_computes(dtype: mx.Dtype) -> bool:
+    """Whether the default device evaluates `mx.gather_mm` (unquantized experts) in `dtype`.
+
+    Asked of MLX with a one-element product rather than assumed from the device, so a backend that
+    gains the kernel is used as it is.
+    """
+    try:
+        mx.eval(mx.gather_mm(mx.ones((1, 1), dtype), mx.ones((1, 1, 1), dtype), rhs_indices=mx.array([0])))
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 def memory_for_models() -> int | None:

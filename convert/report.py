@@ -34,6 +34,7 @@ import mlx.core as mx
 from tokenizers import Tokenizer
 
 from qwen_mlx.cache import make_cache
+from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.model import Model
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.txt")
@@ -52,7 +53,10 @@ def calibration_text() -> str:
 
 def calibration_ids(tokenizer_file: Path, max_tokens: int = MAX_CALIBRATION_TOKENS) -> list[int]:
     """The built-in calibration text as token ids (at most `max_tokens`), from a model folder's tokenizer.json."""
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as e:  # the Rust parser raises a bare Exception
+        raise QwenMLXError(f"{tokenizer_file} is not a readable tokenizer ({e}); or convert with --no-eval") from None
     # No special tokens: the text is scored as plain text, not as a chat turn.
     return tokenizer.encode(calibration_text(), add_special_tokens=False).ids[:max_tokens]
 

@@ -6,16 +6,40 @@ at most 5 GiB (`model.safetensors`, or `model-0000K-of-0000N.safetensors`) with 
 map, and `config.json` with keys sorted and the `quantization` block duplicated as
 `quantization_config`. Everything is written into a temporary folder beside the target and renamed into
 place only when complete, so a failure never leaves a half-written model behind.
+
+Design decisions for writing OUT (`write_folder`):
+- Beside OUT live only names of our own kind: `.OUT.tmp-XXXXXXXX` (the folder being written),
+  `.OUT.old-XXXXXXXX` (a replaced OUT, set aside between the two renames of an overwrite) and
+  `.OUT.lock`. An error, Ctrl-C or SIGTERM removes them; SIGKILL or a power cut cannot, so every run
+  first recovers: a leftover temporary folder is removed, and an aside folder is renamed back to OUT
+  when OUT is missing (killed between `OUT -> .OUT.old-X` and `.OUT.tmp-X -> OUT`), else removed (killed
+  after the swap). Each says so in one line. `recover_output` is that step alone.
+- A run holds `fcntl.flock` on `.OUT.lock` from its recovery to its last rename, so anything of our
+  kind that a lock holder finds belongs to a dead run and is safe to remove, and a live run's temporary
+  folder is never touched. A lock rather than a pid written down: the kernel drops it when its holder
+  dies however it dies, and a pid can be reused or belong to another machine or container sharing the
+  disk. A second run for the same OUT waits its turn (said in one line). Swapping in one step would need
+  `renameat2(RENAME_EXCHANGE)`, Linux-only and not in the standard library; recovery works on macOS too.
+- The lock file is unlinked while still locked, and a run that locks a file checks that it is still the
+  one at that path, so a waiting run never holds a lock on an unlinked file.
+- Writing failures (a full disk: MLX's `RuntimeError [write]` or `OSError` ENOSPC/EFBIG; a folder that
+  cannot be written; a file where a folder should be) become one `QwenMLXError` naming OUT and saying
+  what to do, after the temporary folder is gone and a replaced OUT is back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +64,15 @@ COMPANION_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
+# What `write_folder` leaves beside OUT while it runs: `.OUT.tmp-XXXXXXXX` and `.OUT.old-XXXXXXXX`. The
+# 8 characters cover tempfile.mkdtemp's names too, which earlier versions used.
+SIDE_FOLDER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-[a-z0-9_]{8}")
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+NOT_WRITABLE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def make_shards(weights: dict[str, mx.array], max_bytes: int = MAX_SHARD_BYTES) -> list[dict[str, mx.array]]:
@@ -76,38 +109,154 @@ def export_config(config: dict[str, Any], args: ModelArgs) -> dict[str, Any]:
 
 
 def check_out_folder(out: Path, overwrite: bool, hint: str = "allow overwriting") -> None:
-    """Refuse an `out` that exists and holds something, unless it may be overwritten."""
+    """Refuse an `out` that exists and holds something, unless it may be overwritten, or that sits under a file."""
+    ancestor = out.parent
+    while not (ancestor.exists() or ancestor.is_symlink()) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise QwenMLXError(f"cannot write {out}: {ancestor} is a file, not a folder; choose another output path")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise QwenMLXError(f"{out} already exists and is not empty; choose another folder or {hint}")
 
 
-def write_folder(out: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+def write_folder(
+    out: Path, write: Callable[[Path], None], overwrite: bool = False, log: Callable[[str], None] = _note
+) -> Path:
     """Run `write(tmp_folder)` and move the result to `out` only when it completes.
 
     Whatever stops it (an error, Ctrl-C, SIGTERM turned into SystemExit), the temporary folder goes and
-    an `out` being replaced is put back as it was.
+    an `out` being replaced is put back as it was; what a SIGKILL left is cleaned up by the next run.
     """
     out = Path(out).expanduser()
     check_out_folder(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp: Path | None = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with output_lock(out, log):
+            _recover(out, log)
+            check_out_folder(out, overwrite)  # recovery may have put an earlier OUT back
+            tmp = _new_side_folder(out)
+            _fill_and_swap(out, tmp, write)
+    except OSError as error:
+        raise _write_error(out, error, tmp) from None
+    return out
+
+
+def recover_output(out: str | Path, log: Callable[[str], None] = _note, wait: bool = True) -> None:
+    """Undo what an interrupted `write_folder` left beside `out` (see the module docstring).
+
+    A run writing `out` at the same time is waited for, or with `wait=False` refused.
+    """
+    out = Path(out).expanduser()
+    if not out.parent.is_dir():
+        return  # nothing can be beside it; check_out_folder names a file in the way
+    try:
+        with output_lock(out, log, wait=wait):
+            _recover(out, log)
+    except OSError as error:
+        raise _write_error(out, error) from None
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, log: Callable[[str], None] = _note, wait: bool = True) -> Iterator[None]:
+    """Hold the exclusive lock on `.OUT.lock` for the block; the file is gone afterwards."""
+    path = out.with_name(f".{out.name}.lock")
+    waited = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                if not wait:
+                    raise QwenMLXError(
+                        f"another process{holder} is writing {out}; wait for it to finish or choose another folder"
+                    ) from None
+                if not waited:
+                    log(f"waiting for another process{holder} that is writing {out}")
+                    waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            # The holder we waited for unlinks the file before letting go: then lock the new one.
+            mine = os.fstat(fd)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    """' (pid N)' from the lock file, for the message only; the lock, not the pid, decides."""
+    try:
+        pid = int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return ""
+    return f" (pid {pid})"
+
+
+def _side_folders(out: Path) -> dict[str, list[Path]]:
+    """The `.OUT.tmp-*` and `.OUT.old-*` entries beside `out`, by kind."""
+    found: dict[str, list[Path]] = {"tmp": [], "old": []}
+    for entry in out.parent.iterdir():
+        match = SIDE_FOLDER.fullmatch(entry.name)
+        if match and match["name"] == out.name:
+            found[match["kind"]].append(entry)
+    return found
+
+
+def _recover(out: Path, log: Callable[[str], None]) -> None:
+    """With the lock held: put back an OUT set aside by a killed overwrite, remove the rest of our kind."""
+    found = _side_folders(out)
+    if found["old"] and not (out.exists() or out.is_symlink()):
+        # One run at a time swaps, and each recovers first, so there is at most one; the newest if not.
+        aside = max(found["old"], key=lambda path: path.lstat().st_mtime)
+        aside.rename(out)
+        found["old"].remove(aside)
+        log(f"restored {out} from {aside.name}, where an interrupted run that was replacing it had set it aside")
+    stale = sorted(found["tmp"] + found["old"])
+    for path in stale:
+        _remove(path)
+    if stale:
+        log(f"removed what interrupted runs left beside {out}: {', '.join(path.name for path in stale)}")
+
+
+def _new_side_folder(out: Path) -> Path:
+    # mkdir, not mkdtemp: the folder gets the usual umask permissions, and the name is ours to match.
+    while True:
+        tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _fill_and_swap(out: Path, tmp: Path, write: Callable[[Path], None]) -> None:
     old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
     try:
-        # mkdtemp makes the folder private (0700); the result should get the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
         write(tmp)
         if out.exists() or out.is_symlink():
             out.rename(old)
         tmp.rename(out)
     except BaseException:
-        if old.exists() and not out.exists():
+        if (old.exists() or old.is_symlink()) and not (out.exists() or out.is_symlink()):
             old.rename(out)
         _remove(tmp)
         raise
     _remove(old)
-    return out
 
 
 def _remove(path: Path) -> None:
@@ -115,6 +264,26 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink(missing_ok=True)
+
+
+def _write_error(out: Path, error: OSError, tmp: Path | None = None) -> QwenMLXError:
+    """A writing failure as one line: which file, why, and what to do."""
+    # A failed copy names its source first (shutil's sendfile path); no room is about the file written.
+    written = error.filename2 if error.filename2 and error.errno in DISK_FULL_ERRNOS else error.filename
+    where = str(written) if written else str(out)
+    if tmp is not None and where.startswith(str(tmp)):
+        where = str(out) + where[len(str(tmp)) :]  # the temporary folder is gone; name the file as OUT's
+    reason = error.strerror or str(error)
+    if error.errno in DISK_FULL_ERRNOS:
+        advice = "free some disk space (or raise the file-size limit) or choose an output folder on another disk"
+    elif error.errno in NOT_WRITABLE_ERRNOS:
+        advice = "choose an output folder you can write to"
+    elif error.errno in (errno.ENOTDIR, errno.EEXIST):
+        advice = "a file is in the way; choose another output path"
+    else:
+        advice = "check the output folder and its disk"
+    state = f"{out} was left as it was" if out.exists() else "nothing was written"
+    return QwenMLXError(f"could not write {where}: {reason}; {advice} ({state})")
 
 
 def write_weights(
@@ -142,7 +311,7 @@ def write_weights(
             mx.eval(value)
             if on_tensor is not None:
                 on_tensor(tensor, value)
-        mx.save_safetensors(str(folder / name), shard, metadata={"format": "mlx"})
+        _save_shard(folder / name, shard)
         weight_map.update(dict.fromkeys(shard, name))
         del shard
         mx.clear_cache()
@@ -151,6 +320,19 @@ def write_weights(
         "weight_map": dict(sorted(weight_map.items())),
     }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4), encoding="utf-8")
+
+
+def _save_shard(file: Path, shard: dict[str, mx.array]) -> None:
+    try:
+        mx.save_safetensors(str(file), shard, metadata={"format": "mlx"})
+    except RuntimeError as error:
+        # MLX drops errno. A write that fails once the file is open ("[write] Unable to write N bytes") is
+        # a full disk or a file-size limit; the free space tells which.
+        if shutil.disk_usage(file.parent).free < sum(value.nbytes for value in shard.values()):
+            code = errno.ENOSPC
+        else:
+            code = errno.EFBIG if str(error).startswith("[write]") else errno.EIO
+        raise OSError(code, str(error), str(file)) from None
 
 
 def write_config(folder: Path, config: dict[str, Any]) -> None:
