@@ -16,6 +16,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ THINKING_BUDGET_TEXT = (
 )
 SOFT_SWITCH = re.compile(r"/(no_think|think)\b")
 ROLES = ("system", "user", "assistant", "tool")
+
+# How a template writes a tool call inside `<tool_call>`: Qwen3's JSON, or Qwen3-Coder's XML.
+JSON_TOOL_CALLS, XML_TOOL_CALLS = "json", "xml"
 
 # Where a prompt leaves the assistant's turn.
 START, THINKING, ANSWER = "start", "thinking", "answer"
@@ -53,6 +57,35 @@ class SpecialIds:
             tokenizer.token_id("</tool_call>"),
             tokenizer.token_id("<|im_start|>"),
         )
+
+
+def tool_call_format(chat_template: str) -> str:
+    """`XML_TOOL_CALLS` for a template that renders Qwen3-Coder's `<function=...><parameter=...>` calls
+    (keyed on what it renders, so the real Coder checkpoints and our own templates match alike)."""
+    return XML_TOOL_CALLS if "<function=" in chat_template and "<parameter=" in chat_template else JSON_TOOL_CALLS
+
+
+def arguments_as_objects(messages: Sequence[dict]) -> list[dict]:
+    """Messages whose tool calls carry their arguments as objects, as an XML template needs (it walks them
+    with `|items`); OpenAI clients send them back as JSON text. Text that is not a JSON object stays."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            message = {**message, "tool_calls": [_call_with_object(call) for call in calls]}
+        out.append(message)
+    return out
+
+
+def _call_with_object(call):
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"] or "{}")
+    except json.JSONDecodeError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}} if isinstance(arguments, dict) else call
 
 
 def prompt_phase(prompt_ids: Sequence[int], special: SpecialIds) -> str:

@@ -11,6 +11,11 @@ Design decisions:
   are dropped, as the template itself drops them when it renders `reasoning_content` back.
 - A `<tool_call>` inside reasoning is reasoning text. A tool call that is not a JSON object with a string
   `name` (or is cut off) becomes a `ToolCallError` carrying the raw block, never silently dropped.
+- Two call formats inside the same `<tool_call>` tokens: Qwen3's JSON, and Qwen3-Coder's XML
+  (`<function=NAME><parameter=KEY>value</parameter>...</function>`, `format.tool_call_format` tells which a
+  template renders). XML values are text; each is typed by the tool's JSON schema (integer, number,
+  boolean, null, object, array), and kept as text where it does not parse as its type, so a call is never
+  lost to a model's formatting.
 - Stop strings apply to the answer only (a stop of "\\n\\n" must not end a model that is still thinking);
   text that might be the start of a stop string is held back until it is known not to be.
 Written here because no library parses Qwen3's token-level format; the parser is plain Python with no
@@ -20,12 +25,16 @@ MLX, and unit-testable with any token ids.
 from __future__ import annotations
 
 import json
+import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .format import SpecialIds
+from .format import JSON_TOOL_CALLS, XML_TOOL_CALLS, SpecialIds
+
+_XML_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*)</function>\s*", re.S)
+_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.S)
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,79 @@ def parse_tool_call(raw: str) -> ToolCall | ToolCallError:
     return ToolCall(call["name"], arguments)
 
 
+def parse_xml_tool_call(raw: str, schemas: Mapping[str, dict] | None = None) -> ToolCall | ToolCallError:
+    """One Qwen3-Coder `<tool_call>` body, `<function=NAME>` and its `<parameter=KEY>value</parameter>`s;
+    `schemas` maps a tool's name to its parameters' JSON schema, which types the values."""
+    block = f"<tool_call>{raw}</tool_call>"
+    match = _XML_FUNCTION.fullmatch(raw)
+    if match is None:
+        return ToolCallError(block, "the tool call must be one <function=NAME>...</function> block")
+    name, body = match.group(1).strip(), match.group(2)
+    if not name:
+        return ToolCallError(block, "the tool call's <function=...> has no name")
+    properties = ((schemas or {}).get(name) or {}).get("properties") or {}
+    arguments: dict[str, Any] = {}
+    for key, value in _XML_PARAMETER.findall(body):
+        key = key.strip()
+        value = value.removeprefix("\n").removesuffix("\n")  # the template's own line breaks around a value
+        arguments[key] = typed_value(value, properties.get(key))
+    if _XML_PARAMETER.sub("", body).strip():
+        return ToolCallError(block, "the tool call holds text outside its <parameter=...> blocks")
+    return ToolCall(name, arguments)
+
+
+def typed_value(text: str, schema: dict | None) -> Any:
+    """An XML parameter's text as the JSON type its schema names; the text itself when it does not parse."""
+    kinds = _schema_types(schema)
+    if not kinds or kinds == {"string"}:
+        return text
+    stripped = text.strip()
+    if "null" in kinds and stripped == "null":
+        return None
+    if "boolean" in kinds and stripped.lower() in ("true", "false"):
+        return stripped.lower() == "true"
+    if kinds & {"integer", "number", "object", "array"}:
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError:
+            return text
+        if isinstance(value, bool):
+            return text
+        if isinstance(value, int) and kinds & {"integer", "number"}:
+            return value
+        if isinstance(value, float) and ("number" in kinds or ("integer" in kinds and value.is_integer())):
+            return int(value) if "number" not in kinds else value
+        if (isinstance(value, dict) and "object" in kinds) or (isinstance(value, list) and "array" in kinds):
+            return value
+    return text
+
+
+def _schema_types(schema: dict | None) -> set[str]:
+    """The JSON types a (sub)schema allows: its `type` (a name or a list), or its `anyOf`/`oneOf` members'."""
+    if not isinstance(schema, dict):
+        return set()
+    kind = schema.get("type")
+    if isinstance(kind, str):
+        return {kind}
+    if isinstance(kind, list):
+        return {k for k in kind if isinstance(k, str)}
+    if "enum" in schema and all(isinstance(v, str) for v in schema["enum"] or ()):
+        return {"string"}
+    members = schema.get("anyOf") or schema.get("oneOf") or []
+    return set().union(*(_schema_types(m) for m in members)) if isinstance(members, list) else set()
+
+
+def tool_schemas(tools: Sequence[dict] | None) -> dict[str, dict]:
+    """{tool name: its parameters' JSON schema}, from OpenAI tool definitions."""
+    schemas = {}
+    for tool in tools or ():
+        function = tool.get("function") or tool if isinstance(tool, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            parameters = function.get("parameters")
+            schemas[function["name"]] = parameters if isinstance(parameters, dict) else {}
+    return schemas
+
+
 class StopStrings:
     """Cuts text at the first stop string, holding back any tail that could still become one."""
 
@@ -111,8 +193,18 @@ class StopStrings:
 class ReplyParser:
     """Feed (token id, its text) pairs; get events. `finish()` flushes what is held back."""
 
-    def __init__(self, special: SpecialIds, in_thinking: bool = False, stop: Sequence[str] = ()):
+    def __init__(
+        self,
+        special: SpecialIds,
+        in_thinking: bool = False,
+        stop: Sequence[str] = (),
+        *,
+        tool_format: str = JSON_TOOL_CALLS,
+        tools: Sequence[dict] | None = None,
+    ):
         self.special = special
+        self.tool_format = tool_format
+        self._schemas = tool_schemas(tools)
         self.in_thinking = in_thinking
         self.in_tool_call = False
         self.reasoning_tokens = 0  # tokens of the think block, its tags and any forced text included
@@ -153,6 +245,8 @@ class ReplyParser:
             if token == special.tool_call_end:
                 self.in_tool_call = False
                 self.tool_calls += 1
+                if self.tool_format == XML_TOOL_CALLS and not self._tool_text.lstrip().startswith("{"):
+                    return [parse_xml_tool_call(self._tool_text, self._schemas)]  # (a forced call is JSON)
                 return [parse_tool_call(self._tool_text)]
             self._tool_text += text
             return []

@@ -10,7 +10,8 @@ tool call is "tool_calls").
 
 Design decisions:
 - A prompt that does not fit the model's context is an error (`ContextLengthExceeded`), never a silent
-  truncation; `max_tokens` is capped to the room that is left (finish reason `length` when reached).
+  truncation; `max_tokens` is capped to the room that is left (finish reason `length` when reached). One
+  whose bytes alone outnumber the context's worth of the longest tokens is refused before it is tokenized.
 - A turn without `max_tokens` may run to the end of the context, unless the planner has a default
   (`qwen-mlx serve --max-tokens-default`); either way a reply caught repeating one span over and over
   (`LoopGuard`) ends with finish reason "length" and a log line instead of holding its slot for an hour.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -140,6 +142,8 @@ class TurnPlan:
     stop: list[str] = field(default_factory=list)
     chat: bool = True  # parse Qwen3's reply format; False: raw text (`/v1/completions`)
     tool_calls: bool = True  # False (a turn without tools): `<tool_call>` blocks stay answer text
+    tools: list[dict] = field(default_factory=list)  # their schemas type Qwen3-Coder's XML arguments
+    tool_format: str = qwen3.JSON_TOOL_CALLS  # how the template writes a call (`format.tool_call_format`)
     thinking: bool = True  # the mode, for the stats
     top_logprobs: int | None = None
 
@@ -179,6 +183,16 @@ def _tool_choice(choice: str | None, tools: list[dict] | None) -> str | None:
     return choice if names else None
 
 
+def _fewest_tokens(text: str, longest_token_bytes: int) -> int:
+    """A lower bound on `text`'s token count without tokenizing it: no token stands for more bytes than the
+    vocabulary's longest. Counted on the text as it is and as NFC (Qwen3's normalizer), the smaller of the
+    two: composing characters can shrink the bytes (Hangul jamo to syllables: a third)."""
+    size = len(text.encode("utf-8"))
+    if not unicodedata.is_normalized("NFC", text):
+        size = min(size, len(unicodedata.normalize("NFC", text).encode("utf-8")))
+    return -(-size // longest_token_bytes)
+
+
 def _finite(logprob: float) -> float:
     """A log-probability JSON can carry: a token the guide ruled out (-inf) is OpenAI's -9999.0."""
     return logprob if math.isfinite(logprob) else UNLIKELY_LOGPROB
@@ -202,6 +216,7 @@ class Turns:
         self.generation_config = generation_config or {}
         self.default_max_tokens = default_max_tokens  # a turn that sets none gets this (None: the room left)
         self.special = SpecialIds.of(tokenizer)
+        self.tool_format = qwen3.tool_call_format(tokenizer.chat_template)
 
     def render(
         self,
@@ -211,16 +226,33 @@ class Turns:
         template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         """The prompt token ids for these messages, through the checkpoint's template."""
+        messages = normalize_messages(messages)
+        if self.tool_format == qwen3.XML_TOOL_CALLS:
+            messages = qwen3.arguments_as_objects(messages)
         text = self.tokenizer.apply_chat_template(
-            normalize_messages(messages),
+            messages,
             tools=tools,
             enable_thinking=enable_thinking,
             add_generation_prompt=True,
             **(template_kwargs or {}),
         )
-        return self.tokenizer.encode(_valid_text(text, "messages"))
+        return self.encode(text, "messages")
 
-    def fit(self, prompt_len: int, max_tokens: int | None) -> int:
+    def encode(self, text: str, param: str) -> list[int]:
+        """`text`'s token ids; a text too long for the context by its size alone is refused before the
+        tokenizer sees it (tokenizing megabytes takes seconds and gigabytes, to count what cannot fit)."""
+        _valid_text(text, param)
+        if len(text) * 4 >= self.context_length:  # under that, its bytes are too few for the bound to refuse it
+            fewest = _fewest_tokens(text, self.tokenizer.longest_token_bytes)
+            if fewest >= self.context_length:
+                raise ContextLengthExceeded(
+                    f"the prompt is at least {fewest} tokens ({len(text)} characters) but the model's context "
+                    f"is {self.context_length}: shorten the conversation",
+                    param=param,
+                )
+        return self.tokenizer.encode(text)
+
+    def fit(self, prompt_len: int, max_tokens: int | None, param: str = "messages") -> int:
         """The max tokens to use: refused if the prompt leaves no room, else capped to the room left."""
         if max_tokens is not None and max_tokens < 1:  # as every protocol's API has it (a reply of nothing is no turn)
             raise QwenMLXError(f"max_tokens={max_tokens} is invalid: it must be at least 1", param="max_tokens")
@@ -229,7 +261,7 @@ class Turns:
             raise ContextLengthExceeded(
                 f"the prompt is {prompt_len} tokens but the model's context is {self.context_length}: "
                 "shorten the conversation",
-                param="messages",
+                param=param,
             )
         if max_tokens is None:
             max_tokens = self.default_max_tokens
@@ -269,6 +301,8 @@ class Turns:
             guide=guide,
             stop=_stops(o.stop),
             tool_calls=bool(tools),
+            tools=list(tools or ()),
+            tool_format=self.tool_format,
             thinking=thinking,
             top_logprobs=o.top_logprobs,
         )
@@ -277,14 +311,14 @@ class Turns:
         """A raw completion: the prompt as given (text or token ids), the reply as plain text."""
         o = options or TurnOptions()
         if isinstance(prompt, str):
-            prompt_ids = self.tokenizer.encode(_valid_text(prompt, "prompt"))
+            prompt_ids = self.encode(prompt, "prompt")
         else:
             prompt_ids = list(prompt)
             if any(not 0 <= t < self.vocab_size for t in prompt_ids):
                 raise QwenMLXError(f"prompt token ids must be between 0 and {self.vocab_size - 1}", param="prompt")
         if not prompt_ids:
             raise QwenMLXError("prompt is empty", param="prompt")
-        max_tokens = self.fit(len(prompt_ids), o.max_tokens)
+        max_tokens = self.fit(len(prompt_ids), o.max_tokens, "prompt")
         sampling = (o.sampling or Sampling()).resolve(self.generation_config, False)
         penalties = sampling.logits_processors(self.vocab_size)
         return TurnPlan(
@@ -348,7 +382,7 @@ class TurnReader:
         special = turns.special
         parsed = special if plan.tool_calls else replace(special, tool_call_start=None, tool_call_end=None)
         in_thinking = qwen3.prompt_phase(plan.prompt_ids, special) == qwen3.THINKING
-        self.parser = ReplyParser(parsed, in_thinking, plan.stop)
+        self.parser = ReplyParser(parsed, in_thinking, plan.stop, tool_format=plan.tool_format, tools=plan.tools)
         self.stops = StopStrings(plan.stop)
         self.detokenizer = turns.tokenizer.detokenizer()
         self.started = time.perf_counter() if started is None else started
@@ -392,8 +426,11 @@ class TurnReader:
             return None
 
         def piece(i: int) -> tuple[str, list[int]]:
-            text = self.tokenizer.decode([i])
-            return text, list(text.encode("utf-8"))
+            raw = self.tokenizer.token_bytes(i)
+            try:
+                return raw.decode("utf-8"), list(raw)
+            except UnicodeDecodeError:  # part of a character: named by its bytes, as OpenAI's API does
+                return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
 
         chosen = _finite(logprobs[token].item())
         tops = []

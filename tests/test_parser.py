@@ -11,8 +11,20 @@ from fixtures import tokenizer_dir
 
 from qwen_mlx.chat import Reply
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.format import ANSWER, START, THINKING, SpecialIds, normalize_messages, prompt_phase, thinking_mode
-from qwen_mlx.parser import Answer, Reasoning, ReplyParser, StopStrings, ToolCall, ToolCallError
+from qwen_mlx.format import (
+    ANSWER,
+    JSON_TOOL_CALLS,
+    START,
+    THINKING,
+    XML_TOOL_CALLS,
+    SpecialIds,
+    arguments_as_objects,
+    normalize_messages,
+    prompt_phase,
+    thinking_mode,
+    tool_call_format,
+)
+from qwen_mlx.parser import Answer, Reasoning, ReplyParser, StopStrings, ToolCall, ToolCallError, typed_value
 from qwen_mlx.tokenizer import Tokenizer
 
 
@@ -21,8 +33,8 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.load(tokenizer_dir())
 
 
-def run(tokenizer: Tokenizer, output: str, in_thinking: bool = False, stop=()) -> tuple[list, ReplyParser]:
-    parser = ReplyParser(SpecialIds.of(tokenizer), in_thinking, stop)
+def run(tokenizer: Tokenizer, output: str, in_thinking: bool = False, stop=(), **options) -> tuple[list, ReplyParser]:
+    parser = ReplyParser(SpecialIds.of(tokenizer), in_thinking, stop, **options)
     detokenizer = tokenizer.detokenizer()
     events = []
     for token in tokenizer.encode(output):
@@ -117,6 +129,118 @@ def test_malformed_tool_call_is_an_error_event_with_the_raw_text(tokenizer, body
     assert len(errors) == 1 and error in errors[0].error
     assert errors[0].raw == f"<tool_call>{body}</tool_call>"
     assert gather(events).answer == "Calling."
+
+
+CODER_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "days": {"type": "integer"},
+                    "metric": {"type": "boolean"},
+                    "at": {"type": "object"},
+                    "hours": {"type": "array", "items": {"type": "integer"}},
+                    "threshold": {"type": ["number", "null"]},
+                    "unit": {"enum": ["celsius", "fahrenheit"]},
+                },
+            },
+        },
+    }
+]
+# What Qwen3-Coder's template renders for a call, and so what the model writes.
+CODER_CALL = (
+    "<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n</parameter>\n"
+    "<parameter=days>\n3\n</parameter>\n<parameter=metric>\ntrue\n</parameter>\n"
+    '<parameter=at>\n{"lat": 40.7, "lon": -74.0}\n</parameter>\n<parameter=hours>\n[9, 12]\n</parameter>\n'
+    "<parameter=threshold>\n2.5\n</parameter>\n<parameter=unit>\n3\n</parameter>\n"
+    "<parameter=note>\nline one\nline two\n</parameter>\n</function>\n</tool_call>"
+)
+
+
+def test_qwen3_coder_xml_calls_come_out_typed_by_the_tool_schema(tokenizer):
+    events, parser = run(tokenizer, "Checking.\n" + CODER_CALL, tool_format=XML_TOOL_CALLS, tools=CODER_TOOLS)
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    assert [(c.name, c.arguments) for c in calls] == [
+        (
+            "get_weather",
+            {
+                "city": "New York",
+                "days": 3,
+                "metric": True,
+                "at": {"lat": 40.7, "lon": -74.0},
+                "hours": [9, 12],
+                "threshold": 2.5,
+                "unit": "3",  # an enum of strings: the text as written
+                "note": "line one\nline two",  # not in the schema: text, its inner line break kept
+            },
+        )
+    ]
+    assert gather(events).answer.strip() == "Checking." and "<function=" not in gather(events).answer
+    assert parser.tool_calls == 1
+    # The same call read as JSON is an error, not a silent loss: the format decides the reading.
+    json_events, _ = run(tokenizer, CODER_CALL, tool_format=JSON_TOOL_CALLS)
+    assert [type(e) for e in json_events] == [ToolCallError]
+
+
+@pytest.mark.parametrize(
+    ("text", "schema", "value"),
+    [
+        ("42", {"type": "integer"}, 42),
+        ("4.0", {"type": "integer"}, 4),
+        ("4.5", {"type": "integer"}, "4.5"),  # not an integer: kept as written, never rounded
+        ("-1e3", {"type": "number"}, -1000.0),
+        ("True", {"type": "boolean"}, True),
+        ("yes", {"type": "boolean"}, "yes"),
+        ("null", {"anyOf": [{"type": "integer"}, {"type": "null"}]}, None),
+        ("[1, 2", {"type": "array"}, "[1, 2"),
+        ('{"a": 1}', {"type": "array"}, '{"a": 1}'),
+        ("007", {"type": "string"}, "007"),
+        ("true", None, "true"),
+    ],
+)
+def test_xml_values_are_typed_only_where_they_parse_as_their_type(text, schema, value):
+    assert typed_value(text, schema) == value and type(typed_value(text, schema)) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ("\n<parameter=city>\nParis\n</parameter>\n", "one <function=NAME>"),
+        ("\n<function=get_weather>\nParis\n</function>\n", "outside its <parameter"),
+        ("\n<function=get_weather>\n<parameter=city>\nParis\n", "one <function=NAME>"),
+    ],
+)
+def test_malformed_xml_tool_call_is_an_error_event(tokenizer, body, error):
+    events, _ = run(tokenizer, f"<tool_call>{body}</tool_call>", tool_format=XML_TOOL_CALLS, tools=CODER_TOOLS)
+    assert [type(e) for e in events] == [ToolCallError] and error in events[0].error
+
+
+def test_a_json_call_under_an_xml_template_still_parses(tokenizer):
+    """A forced call is constrained to JSON whatever the template, so the XML reader takes JSON too."""
+    output = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    events, _ = run(tokenizer, output, tool_format=XML_TOOL_CALLS, tools=CODER_TOOLS)
+    assert [(e.name, e.arguments) for e in events] == [("get_weather", {"city": "Paris"})]
+
+
+def test_the_call_format_is_read_from_what_the_template_renders(tokenizer):
+    assert tool_call_format(tokenizer.chat_template) == JSON_TOOL_CALLS
+    coder = "{{- '<tool_call>\\n<function=' ~ tool_call.name ~ '>\\n' -}}{{- '<parameter=' ~ k ~ '>\\n' -}}"
+    assert tool_call_format(coder) == XML_TOOL_CALLS
+    history = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"city": "Paris"}'}},
+            {"id": "c2", "type": "function", "function": {"name": "f", "arguments": "not json"}},
+        ]},
+    ]  # fmt: skip
+    calls = arguments_as_objects(history)[1]["tool_calls"]
+    assert calls[0]["function"]["arguments"] == {"city": "Paris"}
+    assert calls[1]["function"]["arguments"] == "not json"
+    assert history[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'  # the caller's, untouched
 
 
 def test_cut_off_tool_call_is_an_error_event(tokenizer):

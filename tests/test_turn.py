@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,6 +12,7 @@ import pytest
 from fixtures import VOCAB_SIZE, tokenizer_dir
 
 from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.parser import ToolCall
 from qwen_mlx.sampling import Sampling
 from qwen_mlx.tokenizer import Tokenizer
 from qwen_mlx.turn import UNLIKELY_LOGPROB, LoopGuard, TurnOptions, Turns
@@ -34,6 +36,22 @@ def test_logprobs_of_ruled_out_tokens_are_finite_json(turns):
     values = [entry.logprob, *(value for _, value, _ in entry.top)]
     assert all(math.isfinite(v) for v in values) and UNLIKELY_LOGPROB in values
     json.dumps(values, allow_nan=False)  # what a strict JSON encoder accepts
+
+
+@pytest.mark.parametrize("text", ["🫠", "𝔘 and 龘", " naïve"])  # split into 3, 2+2 tokens; whole ones
+def test_logprob_bytes_are_exact_when_a_character_is_split_across_tokens(turns, text):
+    """Each token's `bytes` are its own, so the bytes of a reply's tokens join into the reply's UTF-8."""
+    reader = turns.reader(turns.plan_text("Hi", TurnOptions(top_logprobs=0)))
+    entries = [reader.logprob(t, mx.zeros((VOCAB_SIZE,))) for t in turns.tokenizer.encode(text)]
+    assert len(entries) > 1
+    assert b"".join(bytes(e.bytes) for e in entries) == text.encode()
+    for entry in entries:
+        if entry.token.startswith("bytes:"):  # part of a character: named by its bytes, never U+FFFD
+            assert entry.token == "bytes:" + "".join(f"\\x{b:02x}" for b in entry.bytes)
+        else:
+            assert entry.token.encode() == bytes(entry.bytes) and "\ufffd" not in entry.token
+    special = turns.tokenizer.token_id("<think>")
+    assert bytes(reader.logprob(special, mx.zeros((VOCAB_SIZE,))).bytes) == b"<think>"
 
 
 @pytest.mark.parametrize("penalty", [1e-300, 0.0, 11.0, float("nan")])
@@ -74,3 +92,47 @@ def test_turns_without_max_tokens_get_the_planners_default(turns):
     assert capped.plan(messages).max_tokens == 64
     assert capped.plan(messages, TurnOptions(max_tokens=500)).max_tokens == 500  # the request's own wins
     assert turns.plan(messages).max_tokens == 40960 - len(turns.plan(messages).prompt_ids)
+
+
+# A Qwen3-Coder-style template, of our own: tools as JSON, calls in the XML format Coder renders.
+CODER_TEMPLATE = """{%- if tools %}<|im_start|>system
+<tools>{% for tool in tools %}
+{{ tool | tojson }}{% endfor %}
+</tools><|im_end|>
+{% endif %}{%- for message in messages %}<|im_start|>{{ message.role }}
+{{ message.content }}{% for tool_call in message.tool_calls or [] %}<tool_call>
+<function={{ tool_call.function.name }}>
+{% for name, value in tool_call.function.arguments | items %}<parameter={{ name }}>
+{{ value | tojson if value is mapping else value }}
+</parameter>
+{% endfor %}</function>
+</tool_call>{% endfor %}<|im_end|>
+{% endfor %}{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def test_a_coder_template_gets_object_arguments_and_its_calls_are_read_as_xml(tmp_path):
+    folder = tmp_path / "coder"
+    shutil.copytree(tokenizer_dir(), folder)
+    (folder / "chat_template.jinja").write_text(CODER_TEMPLATE)
+    coder = Turns(Tokenizer.load(folder), VOCAB_SIZE, 40960)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]  # fmt: skip
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}}]},  # as OpenAI clients send it
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]  # fmt: skip
+    plan = coder.plan(history, TurnOptions(tools=tools))
+    prompt = coder.tokenizer.decode(plan.prompt_ids)
+    assert "<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n" in prompt
+    reader = coder.reader(plan)
+    reply = "<tool_call>\n<function=get_weather>\n<parameter=city>\nLyon\n</parameter>\n<parameter=days>\n5\n"
+    reply += "</parameter>\n</function>\n</tool_call>"
+    events = [e for token in coder.tokenizer.encode(reply) for e in reader.feed(token)]
+    events += reader.finish("stop")[0]
+    assert [(e.name, e.arguments) for e in events if isinstance(e, ToolCall)] == [
+        ("get_weather", {"city": "Lyon", "days": 5})
+    ]
+    assert reader.stats.finish_reason == "tool_calls"
