@@ -37,7 +37,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .parser import Answer, Reasoning, ToolCall, ToolCallError
-from .protocol import Body
+from .protocol import BUSY, Body
 from .sampling import Sampling
 from .scheduler import Failed, Finished, Scheduler, Ticket
 from .turn import EFFORT_BUDGETS, TurnOptions, TurnPlan, Turns
@@ -51,7 +51,7 @@ STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_
 class Block(BaseModel):
     """A content block; only the fields of the types used here are read, the rest is ignored."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
     thinking: str | None = None
@@ -84,7 +84,7 @@ class OutputConfig(Body):
 
 
 class ToolSpec(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     name: str = Field(min_length=1, max_length=256)
     type: str | None = None  # None or "custom": a function; anything else is a server tool
     description: str | None = None
@@ -122,6 +122,18 @@ class CountTokensRequest(Body):
 
 
 Block.model_rebuild()
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Anthropic's error, as every status but 200 answers it here (documented in `/openapi.json`)."""
+
+    type: Literal["error"] = "error"
+    error: ErrorDetail
 
 
 def _text(content: str | list[Block] | None, where: str) -> str:
@@ -294,7 +306,7 @@ def _tool_id(call: ToolCall) -> str:
 def add_routes(app, scheduler: Scheduler, settings, check_model) -> None:
     """`/v1/messages` and `/v1/messages/count_tokens` on the server's app."""
 
-    @app.post("/v1/messages")
+    @app.post("/v1/messages", responses=BUSY)
     async def messages(body: MessagesRequest, request: Request):
         check_model(body.model)
         turn = await asyncio.to_thread(plan_messages, scheduler.turns, body)

@@ -233,14 +233,18 @@ def serve(args: argparse.Namespace) -> int:
     """Serve the model over the OpenAI API until interrupted."""
     import uvicorn
 
+    from . import transport
     from .scheduler import Scheduler
     from .server import REASONING_FIELDS, Settings, bind, create_app, is_loopback
     from .tokenizer import Tokenizer
 
-    api_key = args.api_key or os.environ.get("QWEN_MLX_API_KEY") or None
+    if args.api_key and args.api_key_file:
+        raise QwenMLXError("--api-key and --api-key-file both give the key: keep one")
+    api_key = args.api_key or _read_api_key(args.api_key_file) or os.environ.get("QWEN_MLX_API_KEY") or None
     if not is_loopback(args.host) and not api_key:
         raise QwenMLXError(
-            f"refusing to listen on {args.host} without --api-key: anyone who can reach this machine could use it"
+            f"refusing to listen on {args.host} without --api-key (or --api-key-file): anyone who can reach this "
+            "machine could use it"
         )
     if args.reasoning_field not in REASONING_FIELDS:
         raise QwenMLXError(f"--reasoning-field must be one of {', '.join(REASONING_FIELDS)}")
@@ -253,6 +257,12 @@ def serve(args: argparse.Namespace) -> int:
         raise QwenMLXError("--keepalive must be a number of seconds above 0")
     if args.max_waiting < 0:  # 0 is no queue: a request beyond --max-batch gets 429 at once
         raise QwenMLXError("--max-waiting must be at least 0")
+    if not args.read_timeout > 0:
+        raise QwenMLXError("--read-timeout must be a number of seconds above 0")
+    if args.max_connections is not None and args.max_connections < 1:
+        raise QwenMLXError("--max-connections must be at least 1")
+    hosts = transport.allowed_hosts(args.host, args.allowed_hosts)
+    transport.raise_fd_limit()  # before the model's files open
     if getattr(args, "distributed", None) and os.environ.get("MLX_RANK") != "0":
         from .distributed import run_follower
 
@@ -276,6 +286,11 @@ def serve(args: argparse.Namespace) -> int:
     patterns = alias_patterns(args.alias or (), Settings(model_id=model_id, aliases=(args.model,)))
     print(f"qwen-mlx: loading {args.model}", file=sys.stderr, flush=True)
     scheduler.start()
+    try:  # only now: importing mlx-lm's utils (the scheduler does) resets the descriptor limit to 2048 of 4096
+        max_connections = transport.connection_limit(args.max_connections)
+    except QwenMLXError:
+        scheduler.stop()
+        raise
     path = scheduler.loaded.path
     settings = Settings(
         model_id=model_id,
@@ -288,12 +303,34 @@ def serve(args: argparse.Namespace) -> int:
                      max_body=args.max_body_mb << 20)  # fmt: skip
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"qwen-mlx: serving {model_id} at http://{host}:{sock.getsockname()[1]}/v1", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=2))
+    protocol = transport.http_protocol(args.read_timeout, max_connections)
+    config = uvicorn.Config(transport.Gate(app, hosts), http=protocol, ws="none", log_level=args.log_level,
+                            timeout_graceful_shutdown=2)  # fmt: skip
+    transport.quiet_logs()  # after uvicorn.Config, which configures logging
+    server = uvicorn.Server(config)
     try:
         server.run(sockets=[sock])
     finally:
         scheduler.stop()
     return 0
+
+
+def _read_api_key(path: str | None) -> str | None:
+    """`--api-key-file`: the key on the file's one line (so it is not in `ps` and the shell's history)."""
+    if path is None:
+        return None
+    if not os.path.isfile(path):  # a FIFO would hang the read below
+        found = "is not a regular file" if os.path.exists(path) else "no such file"
+        raise QwenMLXError(f"--api-key-file {path}: {found}; put the key on one line of a file")
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read(4096).strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise QwenMLXError(f"--api-key-file {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if not text or "\n" in text:
+        found = "several lines" if text else "empty"
+        raise QwenMLXError(f"--api-key-file {path}: it must hold the key on one line, and it is {found}")
+    return text
 
 
 def alias_patterns(aliases, settings) -> list[str]:
@@ -422,6 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=1234, help="the port (default 1234; 0 picks a free one)")
     srv.add_argument("--api-key", help="require this key (Bearer or x-api-key); also $QWEN_MLX_API_KEY")
+    srv.add_argument("--api-key-file", metavar="FILE", help="require the key on FILE's one line (off the command line)")
+    srv.add_argument(
+        "--allowed-hosts",
+        metavar="HOST[,HOST...]",
+        help="Host header names to accept besides loopback ones, or '*' (default: any, if bound beyond loopback)",
+    )
     srv.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow browser calls from ORIGIN")
     srv.add_argument(
         "--reasoning-field",
@@ -452,6 +495,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-waiting", type=int, default=32, help="requests queued beyond those; more get 429")
     srv.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per step (default 512)")
     srv.add_argument("--max-body-mb", type=int, default=16, help="the largest request body in MiB (default 16)")
+    srv.add_argument(
+        "--read-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds a client has to send its whole request, head and body (default 60); answers are not limited",
+    )
+    srv.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="connections held at once; beyond, the oldest idle one closes (default: what ulimit -n allows, <= 4096)",
+    )
     srv.add_argument("--quantize", type=int, choices=(4, 8), help="quantize float weights on load")
     srv.add_argument("--revision", help="a branch, tag or commit of a Hub repo")
     srv.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))

@@ -69,12 +69,12 @@ from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import ContextLengthExceeded, QwenMLXError
 from .parser import Answer, Reasoning, ToolCall, ToolCallError
-from .protocol import Body
+from .protocol import BUSY, Body
 from .sampling import Sampling
 from .scheduler import Failed, Finished, Scheduler, Ticket
 from .turn import EFFORT_BUDGETS, TurnOptions, TurnPlan, Turns
@@ -86,6 +86,12 @@ DONE_REASONS = {"stop": "stop", "length": "length", "tool_calls": "stop"}
 CAPABILITIES = ["completion", "tools", "thinking"]
 POST_ROUTES = ("/api/chat", "/api/generate", "/api/show")
 ZERO_DURATION = re.compile(r"[+-]?0*(\.0*)?(ns|us|µs|ms|s|m|h)?")
+
+
+class ErrorBody(BaseModel):
+    """Ollama's error, as every status but 200 answers it here (documented in `/openapi.json`)."""
+
+    error: str
 
 
 class OllamaOptions(Body):
@@ -643,14 +649,14 @@ def add_routes(app, scheduler: Scheduler, settings, check_model) -> None:
             out["logprobs"] = logprobs_json(entries)
         return out | {"done": True, "done_reason": _done_reason(stats), **clock.metrics(stats)}
 
-    @app.post("/api/chat")
+    @app.post("/api/chat", responses=BUSY)
     async def ollama_chat(body: OllamaChatRequest, request: Request):
         resolve(body.model)
         if not body.messages:
             return loading(body, chat=True)
         return await run(body, request, plan_chat, chat=True)
 
-    @app.post("/api/generate")
+    @app.post("/api/generate", responses=BUSY)
     async def ollama_generate(body: OllamaGenerateRequest, request: Request):
         resolve(body.model)
         _check_generate(body)

@@ -1,4 +1,5 @@
-"""The OpenAI request bodies the endpoint accepts, as pydantic models (they also make `/openapi.json`).
+"""The OpenAI request bodies the endpoint accepts, and its error body, as pydantic models (they also make
+`/openapi.json`).
 
 Unknown fields are ignored, as OpenAI-compatible servers do, so clients that send vendor extensions
 still work; known fields are checked for type and range, and a bad one is a 400 naming it.
@@ -19,6 +20,23 @@ class Body(BaseModel):
     ignored, known ones are strict ("0.5" is no number, true no count: a 400)."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error, as every status but 200 answers it on OpenAI's routes (documented in `/openapi.json`)."""
+
+    error: ErrorDetail
+
+
+# A route that queues a turn also answers 429 when every slot and waiting place is taken (`Overloaded`).
+BUSY = {429: {"description": "The server is busy: every slot and waiting place is taken; try again shortly"}}
 
 
 class ToolCallFunction(Body):
@@ -81,7 +99,7 @@ class ResponseFormat(Body):
 
 
 class ChatTemplateKwargs(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     enable_thinking: bool | None = None
 
 

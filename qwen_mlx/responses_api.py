@@ -59,7 +59,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .parser import Answer, Reasoning, ToolCall, ToolCallError
-from .protocol import Body
+from .protocol import BUSY, Body
 from .sampling import Sampling
 from .scheduler import Failed, Finished, Scheduler, Ticket
 from .turn import EFFORT_BUDGETS, TurnOptions, TurnPlan, Turns
@@ -77,7 +77,7 @@ ROLES = ("user", "system", "developer", "assistant")
 class Part(BaseModel):
     """A content part; only the text of the text types is read, the rest is kept as sent."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
     refusal: str | None = None
@@ -87,7 +87,7 @@ class InputItem(BaseModel):
     """An input item: the fields of `message`, `reasoning`, `function_call` and `function_call_output`
     (others are kept as sent and left out of the prompt)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str | None = None  # None: a message (Responses' "easy" input message)
     id: str | None = None
     role: str | None = None
@@ -101,7 +101,7 @@ class InputItem(BaseModel):
 
 
 class ToolSpec(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
     name: str | None = Field(default=None, max_length=256)
     description: str | None = None
@@ -111,7 +111,7 @@ class ToolSpec(BaseModel):
 
 
 class ToolChoiceSpec(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
     name: str | None = None
     namespace: str | None = None
@@ -600,7 +600,7 @@ def add_routes(app, scheduler: Scheduler, settings, check_model) -> None:
     """`/v1/responses` and `/v1/responses/{id}` on the server's app, with this app's response store."""
     store = ResponseStore()
 
-    @app.post("/v1/responses")
+    @app.post("/v1/responses", responses=BUSY)
     async def create_response(body: ResponsesRequest, request: Request):
         check_model(body.model)
         items, first = conversation_items(store, body)

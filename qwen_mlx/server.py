@@ -14,7 +14,11 @@ Design decisions:
   (`none` is off; the others are `turn.EFFORT_BUDGETS`, shared by every protocol).
 - Errors are each protocol's shape (OpenAI's `{"error": {"message", "type", "param", "code"}}` here), with
   the status a client expects (400 bad JSON or values and context overflow, 401, 404, 413, 429); nothing a
-  request sends reaches a traceback.
+  request sends reaches a traceback. `/openapi.json` documents these statuses, each in its protocol's
+  error shape (`document_errors`), in place of FastAPI's 422.
+- A prompt is planned off the event loop (the tokenizer lets go of the GIL), so `/health` and the streams
+  carry on while a long one is tokenized; after a request with a big body the freed heap goes back to the
+  system (`ReturnsMemory`).
 - Model names: the served id, its folder and `--model` argument, and `--alias` glob patterns (agents ask
   for `claude-*` and `gpt-*`); anything else is a 404 that says how to alias it.
 - Safe by default: loopback only unless `--api-key` is set; the key is checked on every route but
@@ -24,6 +28,7 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import ipaddress
 import json
 import secrets
@@ -37,27 +42,42 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import anthropic_api, ollama_api, responses_api
 from .errors import ContextLengthExceeded, Overloaded, QwenMLXError
 from .parser import Answer, Reasoning, ToolCall, ToolCallError
-from .protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice
+from .protocol import BUSY, ChatCompletionRequest, CompletionRequest, ErrorBody, NamedToolChoice
 from .sampling import Sampling
 from .scheduler import Failed, Finished, Scheduler, Ticket
 from .turn import EFFORT_BUDGETS, TurnOptions, TurnPlan, Turns
-from .wire import KEEPALIVE, KEEPALIVE_S, APIError, error_body, error_response, gather, logprobs_json, sse, updates
+from .wire import (
+    KEEPALIVE,
+    KEEPALIVE_S,
+    APIError,
+    error_body,
+    error_response,
+    gather,
+    logprobs_json,
+    protocol_of,
+    sse,
+    updates,
+)
 
 # Answered without the API key: they say only that a server is up (clients probe `/` before they log in).
 OPEN_PATHS = ("/health", "/")
 REASONING_FIELDS = ("reasoning_content", "reasoning", "think")
 DEFAULT_MAX_BODY = 16 << 20
+BIG_BODY = 1 << 20  # a request body over this many bytes is followed by `release_memory`
 
 
 class Guard:
     """ASGI middleware: the API key and the body cap, before any route runs (plain ASGI, so streaming
-    responses and disconnect detection pass through untouched)."""
+    responses and disconnect detection pass through untouched). Its body read is bounded in time by the
+    connection below it: `transport.Connection` closes a request not read whole within `--read-timeout`,
+    and the read here then ends with `http.disconnect`."""
 
     def __init__(self, app, api_key: str | None, max_body: int):
         self.app, self.api_key, self.max_body = app, api_key, max_body
@@ -248,6 +268,41 @@ class ReasoningOut:
         return {}
 
 
+def release_memory() -> None:
+    """Hand the heap a big request left free back to the system: glibc keeps freed memory for reuse (a 15 MiB
+    prompt's copies stayed as 100 MiB of resident memory); `malloc_trim` returns it. Elsewhere, nothing to do."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # glibc only: macOS's and musl's libc have none
+    except (AttributeError, OSError, TypeError):
+        return
+    trim(0)
+
+
+class ReturnsMemory:
+    """ASGI middleware: after a request whose body was over `BIG_BODY` bytes, `release_memory` (off the
+    event loop: trimming a large heap takes milliseconds)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        size = 0
+
+        async def counted():
+            nonlocal size
+            message = await receive()
+            size += len(message.get("body", b""))
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        finally:
+            if size > BIG_BODY:
+                await asyncio.to_thread(release_memory)
+
+
 def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None = None,
                cors_origins: Sequence[str] = (), max_body: int = DEFAULT_MAX_BODY) -> FastAPI:  # fmt: skip
     app = FastAPI(
@@ -260,6 +315,7 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(Guard, api_key=api_key, max_body=max_body)
+    app.add_middleware(ReturnsMemory)  # outermost: it sees the body as it arrives, and runs once all is done
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -276,10 +332,12 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        where = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
+        errors = e.errors()
+        if any(error.get("type") == "json_invalid" for error in errors):
             return error_response(400, "the request body is not valid JSON", code="invalid_json", path=request.url.path)
+        # The deepest error: of a union's members, the one that matched furthest says what is wrong.
+        first = max(errors, key=lambda error: len(error.get("loc", ())), default={})
+        where = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_member(p)]
         param = ".".join(where) or None
         message = first.get("msg", "invalid request")
         return error_response(400, f"{param}: {message}" if param else message, param=param, path=request.url.path)
@@ -328,7 +386,7 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
         check_model(model)
         return _lmstudio_card(settings.model_id, scheduler)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=BUSY)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         turn = await asyncio.to_thread(plan_chat, scheduler.turns, body)
@@ -340,7 +398,7 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await _chat_whole(scheduler, ticket, request, meta, settings.reasoning_field)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=BUSY)
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) or _is_ids(body.prompt) else list(body.prompt)
@@ -383,7 +441,73 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
     anthropic_api.add_routes(app, scheduler, settings, check_model)
     ollama_api.add_routes(app, scheduler, settings, check_model)
     responses_api.add_routes(app, scheduler, settings, check_model)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            routes = app.routes
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=routes)
+            app.openapi_schema = document_errors(schema)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+ERROR_STATUSES = {
+    400: "Bad JSON, a field of the wrong type or out of range, or a prompt longer than the context",
+    401: "A missing or wrong API key (a server started with --api-key)",
+    404: "No such model, stored response or route",
+    413: "The request body is over the server's cap (--max-body-mb)",
+    429: BUSY[429]["description"],
+    500: "An internal error",
+}
+
+
+def document_errors(schema: dict) -> dict:
+    """`/openapi.json` with the statuses really sent, each in its protocol's error shape, in place of FastAPI's
+    422 (validation errors are 400s here): 400 and 413 where a body is read, 401 behind the key, 404 where a
+    model or id is named, 429 where a route says it queues a turn (`BUSY`), 500 anywhere."""
+    shapes = {
+        "openai": ("OpenAI", ErrorBody),
+        "anthropic": ("Anthropic", anthropic_api.ErrorBody),
+        "ollama": ("Ollama", ollama_api.ErrorBody),
+    }
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    refs = {}
+    for protocol, (prefix, model) in shapes.items():
+        shape = model.model_json_schema(ref_template=f"#/components/schemas/{prefix}{{model}}")
+        for inner, definition in shape.pop("$defs", {}).items():
+            components[prefix + inner] = definition
+        components[f"{prefix}Error"] = shape | {"title": f"{prefix}Error"}
+        refs[protocol] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{prefix}Error"}}}
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            statuses = {500} | {int(s) for s in responses if s.isdigit() and int(s) >= 400}
+            if path not in OPEN_PATHS:
+                statuses.add(401)
+            if method == "post":
+                statuses |= {400, 404, 413}
+            if "{" in path:
+                statuses.add(404)
+            for status in sorted(statuses):
+                entry = responses.setdefault(str(status), {})
+                entry.setdefault("description", ERROR_STATUSES[status])
+                entry["content"] = refs[protocol_of(path)]
+            operation["responses"] = dict(sorted(responses.items()))
+    return schema
+
+
+# pydantic names the member of a union that failed among the fields (`tool_choice.literal['none',...]`,
+# `messages.0.content.str`, `tool_choice.NamedToolChoice`): the client's field path leaves them out.
+UNION_MEMBER_NAMES = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
+def _union_member(part) -> bool:
+    return isinstance(part, str) and ("[" in part or part[:1].isupper() or part in UNION_MEMBER_NAMES)
 
 
 def _version() -> str:

@@ -144,6 +144,11 @@ def demo_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build(out=cache / demo_dir().name)
 
 
+# The servers `running_server` has running, by base URL: (process, stderr lines), for a test that reads a
+# server's memory (/proc/PID/status) or its log.
+SERVERS: dict[str, tuple[subprocess.Popen, list[str]]] = {}
+
+
 @contextlib.contextmanager
 def running_server(model: Path | str, *options: str, timeout: float = 180) -> Iterator[str]:
     """`qwen-mlx serve` in a subprocess on a free loopback port; yields its base URL (http://127.0.0.1:PORT).
@@ -165,6 +170,7 @@ def running_server(model: Path | str, *options: str, timeout: float = 180) -> It
         found.put("")
 
     threading.Thread(target=drain, daemon=True).start()
+    url = ""
     try:
         try:
             url = found.get(timeout=timeout)
@@ -172,8 +178,10 @@ def running_server(model: Path | str, *options: str, timeout: float = 180) -> It
             url = ""
         if not url:
             raise RuntimeError("the server did not start:\n" + "".join(lines))
+        SERVERS[url] = (process, lines)
         yield url
     finally:
+        SERVERS.pop(url, None)
         process.terminate()
         try:
             process.wait(timeout=20)

@@ -136,6 +136,125 @@ def test_lone_surrogate_is_400(client: httpx.Client, path: str, body: bytes):
     assert_error(response, 400)
 
 
+USER = [{"role": "user", "content": "Hello"}]
+OLLAMA_FIELDS = ("options.num_predict", "options.temperature")
+# One small request of every protocol, and where each keeps its token cap and temperature.
+PROTOCOLS = {
+    "/v1/chat/completions": (chat(), "max_tokens", "temperature"),
+    "/v1/completions": ({"model": "demo", "prompt": "Hello", "max_tokens": 4}, "max_tokens", "temperature"),
+    "/v1/responses": ({"model": "demo", "input": "Hello", "max_output_tokens": 4}, "max_output_tokens", "temperature"),
+    "/v1/messages": ({"model": "demo", "messages": USER, "max_tokens": 4}, "max_tokens", "temperature"),
+    "/api/chat": ({"model": "demo", "messages": USER, "stream": False}, *OLLAMA_FIELDS),
+    "/api/generate": ({"model": "demo", "prompt": "Hello", "stream": False}, *OLLAMA_FIELDS),
+}
+
+
+def _with(body: dict, field: str, value) -> dict:
+    """`body` with `field` (dotted: one level of nesting) set to `value`."""
+    head, _, rest = field.partition(".")
+    return {**body, head: {**(body.get(head) or {}), rest: value}} if rest else {**body, head: value}
+
+
+def error_message(response: httpx.Response, status: int = 400) -> str:
+    """The message of an error in any protocol's shape (OpenAI's, Anthropic's, Ollama's)."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    return error if isinstance(error, str) else error["message"]
+
+
+@pytest.mark.parametrize("path", list(PROTOCOLS))
+@pytest.mark.parametrize("wrong", ["bool-as-count", "text-as-number"])
+def test_wrong_types_are_400_in_every_protocol(client: httpx.Client, path: str, wrong: str):
+    """Not coerced, as OpenAI answers them: `true` is no token count, "0.5" no temperature."""
+    body, count, temperature = PROTOCOLS[path]
+    field, value = (count, True) if wrong == "bool-as-count" else (temperature, "0.5")
+    message = error_message(client.post(path, json=_with(body, field, value)))
+    assert message.startswith(f"{field}:"), message
+
+
+def test_chat_template_kwargs_are_strict_too(client: httpx.Client):
+    body = chat(chat_template_kwargs={"enable_thinking": "yes"})
+    error = assert_error(client.post("/v1/chat/completions", json=body), 400)
+    assert error["param"] == "chat_template_kwargs.enable_thinking", error
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        (
+            "/v1/messages",
+            {
+                "model": "demo",
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a", "is_error": 1}]}],
+            },
+            "messages.0.content.0.is_error",
+        ),
+        (
+            "/v1/responses",
+            {"model": "demo", "input": "Hello", "tools": [{"type": "function", "name": "f", "strict": "yes"}]},
+            "tools.0.strict",
+        ),
+    ],
+    ids=["anthropic-block", "responses-tool"],
+)
+def test_blocks_and_tools_are_strict_too(client: httpx.Client, path: str, body: dict, field: str):
+    message = error_message(client.post(path, json=body))
+    assert message.startswith(f"{field}:"), message
+
+
+@pytest.mark.parametrize(
+    ("content", "param"),
+    [
+        (b'{"messages": [{"role": "user", "content": "hi"}], "tool_choice": "bogus"}', "tool_choice"),
+        (b'{"messages": [{"role": "user", "content": 5}]}', "messages.0.content"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "stop": 3}', "stop"),
+    ],
+    ids=["literal-or-object", "text-or-parts", "text-or-list"],
+)
+def test_a_field_of_several_types_is_named_as_sent(client: httpx.Client, content: bytes, param: str):
+    """pydantic names the member of the union that failed (`tool_choice.literal['none','auto','required']`);
+    the client's field is what the error names."""
+    response = client.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
+    error = assert_error(response, 400)
+    assert error["param"] == param and error["message"].startswith(f"{param}: "), error
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "nope"}})),
+        ("/v1/chat/completions", chat(tool_choice="required")),
+        (
+            "/v1/responses",
+            {
+                "model": "demo",
+                "input": "Hello",
+                "tools": [{"type": "function", "name": "get_weather"}],
+                "tool_choice": {"type": "function", "name": "nope"},
+            },
+        ),
+        ("/v1/responses", {"model": "demo", "input": "Hello", "tool_choice": {"type": "function"}}),
+    ],
+    ids=["chat-unknown-name", "chat-required-without-tools", "responses-unknown-name", "responses-no-name"],
+)
+def test_a_bad_tool_choice_is_named_in_param(client: httpx.Client, path: str, body: dict):
+    error = assert_error(client.post(path, json=body), 400)
+    assert error["type"] == "invalid_request_error" and error["param"] == "tool_choice", error
+
+
+def test_a_bad_tool_choice_in_anthropics_shape(client: httpx.Client):
+    tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+    body = {"model": "demo", "messages": USER, "max_tokens": 4, "tools": tools, "tool_choice": {"type": "tool"}}
+    response = client.post("/v1/messages", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert response.json()["error"]["message"].startswith("tool_choice"), response.text
+
+
 def test_missing_messages_is_400(client: httpx.Client):
     assert_error(client.post("/v1/chat/completions", json={"model": "demo"}), 400)
 
