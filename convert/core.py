@@ -53,7 +53,6 @@ from qwen_mlx.save import (
     write_folder,
     write_weights,
 )
-from qwen_mlx.tokenizer import Tokenizer
 
 from .recipes import load_recipe
 from .report import MAX_CALIBRATION_TOKENS, format_report, human_size, quality_report, write_report
@@ -296,8 +295,6 @@ def convert(
         )
     if dequantize and src.kind != "mlx-quantized":
         raise QwenMLXError(f"{src.path} is not an MLX-quantized folder; --dequantize has nothing to undo")
-    if (src.path / "tokenizer.json").exists():  # copied into OUT: a broken one would make OUT unusable
-        Tokenizer.load(src.path)
 
     dtype = dtype or source_dtype(src) or ("bfloat16" if src.kind == "fp8" else None)
     model = Model(src.args)  # lazy: its parameters give names and shapes and are never evaluated
@@ -353,8 +350,9 @@ def _evaluate(
     src: Source, folder: Path, dtype: str, conversion: Conversion, eval_tokens: int, log: Callable[[str], None]
 ) -> dict[str, Any] | None:
     """Score the source and the written result on the calibration text, one model in memory at a time."""
-    tokenizer = folder / "tokenizer.json"
-    if not tokenizer.is_file():
+    # The source's own file when it has one (the copy in `folder` is the same, in a folder about to move).
+    tokenizer = next((f for f in (src.path / "tokenizer.json", folder / "tokenizer.json") if f.is_file()), None)
+    if tokenizer is None:
         log("no tokenizer.json beside the weights: skipping the quality report")
         return None
 
