@@ -34,6 +34,7 @@ def run(args: argparse.Namespace, cleanup: Callable[[], None] | None = None) -> 
     context managers and atexit handlers around this call would never run).
     """
     from qwen_mlx.errors import QwenMLXError
+    from qwen_mlx.speculative import draft_option
 
     from .app import ChatApp, Source
     from .conversation import Conversation
@@ -41,6 +42,9 @@ def run(args: argparse.Namespace, cleanup: Callable[[], None] | None = None) -> 
 
     if args.endpoint and args.quantize:
         raise QwenMLXError("--quantize applies to a local model, not to --endpoint")
+    draft = draft_option(args.draft_model, args.prompt_lookup, args.num_draft_tokens)
+    if args.endpoint and draft:
+        raise QwenMLXError("--draft-model and --prompt-lookup apply to a local model, not to --endpoint")
     store = Store()
     conversation = store.load(args.resume) if args.resume else None
     model, endpoint = args.model, args.endpoint
@@ -49,6 +53,8 @@ def run(args: argparse.Namespace, cleanup: Callable[[], None] | None = None) -> 
     source = Source(
         model=model or (None if endpoint else "demo"),
         quantize=args.quantize,
+        draft=draft,
+        num_draft_tokens=args.num_draft_tokens,
         endpoint=endpoint,
         api_key=args.api_key,
         distributed=_split(args),

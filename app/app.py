@@ -63,6 +63,8 @@ class Source:
 
     model: str | None = None
     quantize: int | None = None
+    draft: str | None = None  # speculative decoding for a local model: "lookup" or a draft model
+    num_draft_tokens: int | None = None
     endpoint: str | None = None
     api_key: str | None = None
     # `chat --distributed`: how the model is split ("pp over 2 ranks"). The endpoint is then the ranks' own,
@@ -159,7 +161,14 @@ class ChatApp(App):
         else:
             model = source.model or "demo"
             self.engine.load(
-                source.label, lambda progress: LocalBackend.load(model, quantize=source.quantize, progress=progress)
+                source.label,
+                lambda progress: LocalBackend.load(
+                    model,
+                    quantize=source.quantize,
+                    draft=source.draft,
+                    num_draft_tokens=source.num_draft_tokens,
+                    progress=progress,
+                ),
             )
 
     async def _show_conversation(self) -> None:

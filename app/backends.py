@@ -61,6 +61,8 @@ class LocalBackend:
         *,
         quantize: int | None = None,
         revision: str | None = None,
+        draft: str | None = None,
+        num_draft_tokens: int | None = None,
         progress: Callable[[str], None] | None = None,
     ) -> LocalBackend:
         """Load a model folder, a Hub repo id or `demo`; raises QwenMLXError with one readable line.
@@ -73,7 +75,8 @@ class LocalBackend:
             ensure_demo(log=progress)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", MemoryWarning)
-            session = ChatSession.load(model, quantize=quantize, revision=revision)
+            speculation = {"num_draft_tokens": num_draft_tokens} if num_draft_tokens else {}
+            session = ChatSession.load(model, quantize=quantize, revision=revision, draft=draft, **speculation)
         notices = [str(w.message) for w in caught if issubclass(w.category, MemoryWarning)]
         return cls(session, model, notices)
 

@@ -12,6 +12,8 @@ Design decisions:
   any thread (the chat app's Ctrl+T).
 - A step that fails leaves the layers' caches possibly disagreeing, so the next turn starts afresh; a
   caller that stops reading leaves the cache between two steps, which is kept.
+- Speculative decoding (`draft`): a `DraftModel`, whose cache is kept across turns like the target's, or
+  `"lookup"` for prompt lookup (a fresh index each turn, over the turn's prompt and reply).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from collections.abc import Callable, Iterator, Sequence
 import mlx.nn as nn
 
 from .cache import cache_length, common_prefix, make_cache, trim_cache
-from .engine import Generation
+from .engine import DEFAULT_DRAFT_TOKENS, Generation
 from .errors import QwenMLXError
 from .sampling import Sampling
+from .speculative import LOOKUP, DraftModel, PromptLookup, drafter
 from .tokenizer import Tokenizer
 from .turn import ChatEvent, ChatStats, Done, Reply, TurnOptions, TurnPlan, Turns
 
@@ -43,7 +46,11 @@ class ChatSession:
         generation_config: dict | None = None,
         prefill_step_size: int | None = None,
         link=None,
+        draft: DraftModel | str | None = None,
+        num_draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ):
+        if draft not in (None, LOOKUP) and not isinstance(draft, DraftModel):
+            raise QwenMLXError(f"draft must be a DraftModel or {LOOKUP!r}, not {draft!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.kv_bits = kv_bits
@@ -51,18 +58,31 @@ class ChatSession:
         self.context_length = self.turns.context_length
         self.prefill_step_size = prefill_step_size
         self.link = link  # several Macs: the lockstep with the other ranks
+        self.draft = draft
+        self.num_draft_tokens = num_draft_tokens
         self._streaming = False
         self._plan: TurnPlan | None = None
         self.reset()
 
     @classmethod
-    def load(cls, model: str, *, quantize: int | None = None, revision: str | None = None, **options) -> ChatSession:
-        """Load a model folder or Hub repo id (or `demo`) with its own tokenizer and generation settings."""
+    def load(
+        cls,
+        model: str,
+        *,
+        quantize: int | None = None,
+        revision: str | None = None,
+        draft: str | None = None,
+        **options,
+    ) -> ChatSession:
+        """Load a model folder or Hub repo id (or `demo`) with its own tokenizer and generation settings;
+        `draft` is `"lookup"` or a draft model's folder or repo id (speculative decoding)."""
         from .loader import load_model
 
         loaded = load_model(model, quantize=quantize, revision=revision)
         options.setdefault("generation_config", loaded.generation_config)
-        return cls(loaded.model, Tokenizer.load(loaded.path), **options)
+        tokenizer = Tokenizer.load(loaded.path)
+        chosen = drafter(draft, loaded.model, tokenizer, kv_bits=options.get("kv_bits"))
+        return cls(loaded.model, tokenizer, draft=chosen, **options)
 
     @property
     def generation_config(self) -> dict:
@@ -72,6 +92,8 @@ class ChatSession:
         """Forget the cached conversation."""
         self.cache = make_cache(self.model, self.kv_bits)
         self.cached_ids: list[int] = []  # the tokens whose keys and values are in the cache, in order
+        if isinstance(self.draft, DraftModel):
+            self.draft.reset()
 
     def render(
         self, messages: Sequence[dict], tools: list[dict] | None = None, enable_thinking: bool = True
@@ -135,6 +157,8 @@ class ChatSession:
             end_ids=self.tokenizer.end_token_ids,
             on_prefill=on_prefill,
             link=self.link,
+            drafter=PromptLookup() if self.draft == LOOKUP else self.draft,
+            num_draft_tokens=self.num_draft_tokens,
             **({"prefill_step_size": self.prefill_step_size} if self.prefill_step_size else {}),
         )
         self._streaming, self._plan = True, plan
@@ -156,6 +180,7 @@ class ChatSession:
             self._streaming, self._plan = False, None
         self._remember(prompt_ids + generation.tokens)
         events, stats = reader.finish(generation.stats.finish_reason)
+        stats.count_speculation(generation.stats)
         yield from events
         yield Done(stats)
 

@@ -85,21 +85,26 @@ def load_model(args: argparse.Namespace):
 def generate(args: argparse.Namespace) -> int:
     """Stream one reply: reasoning (dimmed on a terminal), then the answer and tool calls, then stats."""
     from .chat import ChatSession
+    from .speculative import drafter
     from .tokenizer import Tokenizer
 
     turn_options = read_turn_options(args)  # bad files or flags fail before the model loads
+    speculation(args)
     loaded = load_model(args)
     link = loaded.link
     if link is not None and not link.leader:
         from .distributed import run_follower
 
         return run_follower(loaded)
+    tokenizer = Tokenizer.load(loaded.path)
     session = ChatSession(
         loaded.model,
-        Tokenizer.load(loaded.path),
+        tokenizer,
         kv_bits=args.kv_bits,
         generation_config=loaded.generation_config,
         link=link,
+        draft=drafter(speculation(args), loaded.model, tokenizer, kv_bits=args.kv_bits),
+        num_draft_tokens=args.num_draft_tokens,
     )
     try:
         return stream_reply(args, session, turn_options)
@@ -209,7 +214,7 @@ def show_prefill(done: int, total: int) -> None:
 
 
 def format_stats(stats) -> str:
-    """One line: tokens, speeds, memory, and why it stopped."""
+    """One line: tokens, speeds, memory, speculation's work when it ran, and why it stopped."""
     parts = [
         f"prompt {stats.prompt_tokens} tokens ({stats.cached_tokens} cached) at {stats.prompt_tps:.1f} tok/s",
         f"{stats.completion_tokens} generated ({stats.reasoning_tokens} thinking) at {stats.generation_tps:.1f} tok/s",
@@ -217,7 +222,43 @@ def format_stats(stats) -> str:
         f"peak memory {stats.peak_memory / GIB:.2f} GiB",
         f"finish: {stats.finish_reason}",
     ]
+    if stats.draft_tokens:
+        parts.insert(
+            2,
+            f"drafts {stats.accepted_tokens}/{stats.draft_tokens} kept ({stats.acceptance:.0%}), "
+            f"{stats.passes_per_token:.2f} passes/token",
+        )
     return " · ".join(parts)
+
+
+def speculation(args: argparse.Namespace) -> str | None:
+    """`--draft-model M` or `--prompt-lookup` as a `ChatSession` draft option, checked before any model loads."""
+    from .speculative import draft_option
+
+    draft = draft_option(args.draft_model, args.prompt_lookup, args.num_draft_tokens)
+    if draft and getattr(args, "distributed", None):
+        raise QwenMLXError("--draft-model and --prompt-lookup do not run across several Macs yet")
+    return draft
+
+
+def add_speculation_options(parser: argparse.ArgumentParser) -> None:
+    from .engine import DEFAULT_DRAFT_TOKENS
+
+    group = parser.add_argument_group("speculative decoding (the same tokens, fewer passes of the model)")
+    drafts = group.add_mutually_exclusive_group()
+    drafts.add_argument(
+        "--draft-model", metavar="M", help="draft with a smaller Qwen3 of the same tokenizer (e.g. Qwen3-0.6B)"
+    )
+    drafts.add_argument(
+        "--prompt-lookup", action="store_true", help="draft from the prompt and reply so far (no second model)"
+    )
+    group.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=DEFAULT_DRAFT_TOKENS,
+        metavar="K",
+        help=f"tokens drafted per pass (default {DEFAULT_DRAFT_TOKENS})",
+    )
 
 
 def demo_build(args: argparse.Namespace) -> int:
@@ -447,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the KV cache to 4 or 8 bits")
     gen.add_argument("--quantize", type=int, choices=(4, 8), help="quantize float weights on load")
     gen.add_argument("--revision", help="a branch, tag or commit of a Hub repo")
+    add_speculation_options(gen)
     add_distributed_options(gen)
     gen.set_defaults(handler=generate)
 
@@ -529,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the endpoint's key (default $QWEN_MLX_API_KEY; $OPENAI_API_KEY is never sent to an endpoint)",
     )
     chat_parser.add_argument("--resume", metavar="NAME", help="reopen a chat saved with /save NAME")
+    add_speculation_options(chat_parser)
     chat_parser.add_argument("--no-think", action="store_true", help="start with thinking off (/think turns it on)")
     chat_parser.add_argument("--budget", type=int, metavar="N", help="end thinking after N tokens (/budget N)")
     chat_parser.add_argument("--temp", type=float, metavar="X", help="sampling temperature (/temp X)")

@@ -23,6 +23,9 @@ Design decisions:
 - A turn whose answer is constrained cannot end while it thinks: the end token's probability moves to
   `</think>`, so a model that would stop mid-thought closes its thinking and the call or JSON still comes.
 - Penalties (repetition, presence, frequency) see the generated tokens only, as OpenAI's and vLLM's do.
+- Speculative decoding scores several positions in one pass and keeps a prefix of them: `snapshot()`
+  before a position and `restore()` to the last kept one undo what the rest did; `forced_next()` names
+  the tokens it is about to force, which the engine drafts first.
 - Reading a token's value costs a wait on the device (the step that sampled it), which would stop the
   engine's pipelining; so the guide reads the sequence only while a decision can depend on it, and
   catches up on what it skipped when one can (a budget that could be reached, an end asked for).
@@ -31,6 +34,7 @@ Written here because no library knows Qwen3's turn format; the JSON grammar itse
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from collections.abc import Sequence
 
@@ -123,6 +127,25 @@ class TurnGuide:
     def end_thinking(self) -> None:
         """Stop thinking now: the early-stop text goes in at the next step (callable from any thread)."""
         self.end_requested = True
+
+    def snapshot(self) -> dict:
+        """The state after the tokens seen so far (for speculative decoding to come back to)."""
+        state = dict(self.__dict__)
+        state["queue"] = deque(self.queue)
+        state["constraint"] = copy.copy(self.constraint)
+        return state
+
+    def restore(self, state: dict) -> None:
+        """Go back to a `snapshot()`; an end of thinking asked for since is kept."""
+        requested = self.end_requested
+        self.__dict__.update(state)
+        self.queue = deque(state["queue"])
+        self.constraint = copy.copy(state["constraint"])
+        self.end_requested = self.end_requested or requested
+
+    def forced_next(self) -> list[int]:
+        """Tokens this guide will force at the next steps whatever the model says (the budget's text)."""
+        return list(self.queue)
 
     @property
     def _constrains_answer(self) -> bool:
