@@ -6,7 +6,8 @@
 
 For each shape and bit width it builds (or reuses) one random-weight checkpoint, loads it with
 `qwen_mlx.load` and `mlx_lm.load`, and times both on the same prompt ids in alternating order; then one
-model runs an 8-turn conversation through the full-history path (see conversation.py). It writes
+model runs an 8-turn conversation through the full-history path (see conversation.py). `--fusion` also
+times qwen_mlx's fused projections (the default) against `qwen_mlx.load(path, fuse=False)`. It writes
 `<stem>.json` (every run, the machine), `<stem>.md` (the tables) and `<stem>.png` to --out and prints the
 tables last.
 """
@@ -31,10 +32,12 @@ from report import machine, markdown, summarize, write
 from runs import MLX_LM, OURS, MlxLmChat, OursChat, generate_mlx_lm, generate_ours, no_end_tokens, weights_nbytes
 
 import qwen_mlx
+from qwen_mlx.fuse import unfused_parameters
 from qwen_mlx.tokenizer import Tokenizer
 
 # Token ids below this are ordinary text tokens (151643 is <|endoftext|>, the first special token).
 FIRST_SPECIAL_ID = 151643
+UNFUSED = "qwen_mlx unfused"
 FULL = {
     "shapes": ["qwen3-4b", "qwen3-30b-a3b"],
     "bits": [4, 8],
@@ -93,6 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "same tensors, same layout), for a model that fits only once",
     )
     parser.add_argument(
+        "--fusion",
+        action="store_true",
+        help="also time qwen_mlx fused (q/k/v and gate/up as one matmul each) against unfused (loads a second copy)",
+    )
+    parser.add_argument(
         "--conversation",
         metavar="SHAPE:BITS",
         help="the model for the conversation (default: the first shape and bit width)",
@@ -132,7 +140,7 @@ def load_both(path: Path, share_weights: bool):
     mlx_model, mlx_tokenizer = mlx_lm.load(str(path), lazy=share_weights)
     if share_weights:
         theirs = dict(tree_flatten(mlx_model.parameters()))
-        mine = dict(tree_flatten(ours.parameters()))
+        mine = unfused_parameters(ours)  # mlx-lm's names; slices of our fused arrays, not copies
         if theirs.keys() != mine.keys() or any(mine[k].shape != v.shape for k, v in theirs.items()):
             raise SystemExit(f"{path}: mlx-lm's parameters differ from qwen_mlx's; run without --share-weights")
         mlx_model.update(tree_unflatten(list(mine.items())))
@@ -166,6 +174,31 @@ def bench_model(label: str, ours, mlx_model, mlx_tokenizer, args: argparse.Names
         "summary": summarize(runs, (OURS, MLX_LM)),
         "same_tokens": first[OURS] == first[MLX_LM],
     }
+
+
+def bench_fusion(path: Path, ours, args: argparse.Namespace) -> dict[str, Any]:
+    """qwen_mlx fused (as loaded) against the same checkpoint loaded unfused, on bench_model's prompt."""
+    unfused = qwen_mlx.load(path, fuse=False)
+    rng = random.Random(0)
+    prompt = [rng.randrange(FIRST_SPECIAL_ID) for _ in range(args.prompt_tokens)]
+    models = {OURS: ours, UNFUSED: unfused}
+
+    def run(side: str, n: int) -> dict[str, Any]:
+        return {**generate_ours(models[side], prompt, n, args.prefill_step_size).as_dict(), "side": side}
+
+    for side in models:
+        run(side, min(8, args.max_tokens))
+    runs = []
+    for round_ in range(args.rounds):
+        for side in [OURS, UNFUSED] if round_ % 2 == 0 else [UNFUSED, OURS]:
+            runs.append(run(side, args.max_tokens))
+    summary = summarize(runs, (OURS, UNFUSED))
+    log(f"  fused ÷ unfused: decode {summary['decode_tps']['ratio']:.2f}×, TTFT {summary['ttft_s']['ratio']:.2f}×")
+    first = {side: next(r for r in runs if r["side"] == side)["tokens"] for side in models}
+    del unfused
+    gc.collect()
+    mx.clear_cache()
+    return {"runs": runs, "summary": summary, "same_tokens": first[OURS] == first[UNFUSED]}
 
 
 def bench_conversation(label: str, ours, ours_tokenizer, mlx_model, mlx_tokenizer, args) -> dict[str, Any]:
@@ -219,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 "user_tokens",
                 "answer_tokens",
                 "share_weights",
+                "fusion",
             )
         },
         "configs": [],
@@ -247,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                 config=shape_config(shape, args.layers),
                 weights_bytes={OURS: weights_nbytes(ours), MLX_LM: weights_nbytes(mlx_model)},
             )
+            if args.fusion:
+                result["fusion"] = bench_fusion(path, ours, args)
             results["configs"].append(result)
         if not args.no_conversation and (shape, bits) == conversation_at:
             log(f"{label}: conversation")

@@ -16,6 +16,8 @@ Design decisions:
 - Pickle checkpoints (`*.bin`, `*.pt`) are refused: unpickling runs arbitrary code.
 - One assembly routine (`assemble`) builds every model: the whole of it (`qwen_mlx.load`), or one rank's
   part on several Macs, which hooks in through a `Part` (which tensors it reads, how the model is cut).
+- The finished model's q/k/v and gate/up are fused (`qwen_mlx.fuse`), after any quantizing and sharding:
+  each works on the checkpoint's own module names. `fuse=False` keeps them apart (for comparisons).
 - The result is explicit (`Loaded`: the model, its config, its folder, its generation settings); nothing is
   attached to the model.
 This module finds no models: resolving a name (a folder, `demo`, a Hub repo) is `qwen_mlx.loader`'s.
@@ -37,6 +39,7 @@ from mlx.utils import tree_flatten
 from .config import ModelArgs
 from .errors import QwenMLXError
 from .files import file_exists, read_generation_config, read_json
+from .fuse import fuse as fuse_projections
 from .memory import check_fits
 from .model import Model
 from .quant import apply_saved_quantization, check_bits, quantize_model
@@ -352,10 +355,12 @@ def assemble(
     dtype: str | None = None,
     part: Part | None = None,
     lazy: bool = False,
+    fuse: bool = True,
 ) -> Loaded:
     """Build the model of the checkpoint folder `path`; `quantize=4|8` quantizes float weights on the way in.
 
-    The memory check runs from the shapes, before any weight is read; `lazy` leaves the weights unread.
+    The memory check runs from the shapes, before any weight is read; `lazy` leaves the weights unread;
+    `fuse=False` keeps q/k/v and gate/up as separate matmuls.
     """
     if quantize is not None:
         check_bits(quantize, group_size)
@@ -394,6 +399,8 @@ def assemble(
         config["quantization_config"] = config["quantization"]
     if part.after is not None:
         part.after(model, config)
+    if fuse:
+        fuse_projections(model, evaluate=not lazy)
     check_fits(model)  # from the shapes, before the weights are read: warn before a model that cannot fit swaps
     if not lazy:
         evaluate(model)

@@ -8,17 +8,28 @@ Design decisions:
   expert's weights are read once per run of tokens rather than once per token.
 - Written here because mlx-lm is not a runtime dependency; parameter names and shapes match its
   `SwitchLinear` / `QuantizedSwitchLinear` exactly.
+- At load the gate and up projections become one `gate_up_proj` (`[experts, 2 * hidden, in]`, see
+  `qwen_mlx.fuse`): one gather matmul reads both, and its output is split in two.
+- `swiglu` is compiled (shapeless, as mlx-lm's is): silu and the product run as one elementwise kernel.
+  Measured on the CPU backend it gives the same bits as the two separate ops in float32, bfloat16 and float16.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 # Below this many (token, expert) pairs the sort costs more than it saves (decoding, short prompts).
 SORT_THRESHOLD = 64
+
+
+@partial(mx.compile, shapeless=True)
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.silu(gate) * up
 
 
 class SwitchLinear(nn.Module):
@@ -77,6 +88,8 @@ class QuantizedSwitchLinear(nn.Module):
 class SwitchGLU(nn.Module):
     """SwiGLU experts: `down(silu(gate(x)) * up(x))` for each of a token's chosen experts."""
 
+    fusion: Any = None  # gate/up as one `gate_up_proj` (a `qwen_mlx.fuse.Fusion`)
+
     def __init__(self, input_dims: int, hidden_dims: int, num_experts: int):
         super().__init__()
         self.gate_proj = SwitchLinear(input_dims, hidden_dims, num_experts)
@@ -97,9 +110,12 @@ class SwitchGLU(nn.Module):
             idx = flat[order]
         else:
             idx = indices
-        up = self.up_proj(x, idx, sorted_indices=do_sort)
-        gate = self.gate_proj(x, idx, sorted_indices=do_sort)
-        x = self.down_proj(nn.silu(gate) * up, idx, sorted_indices=do_sort)
+        if self.fusion is not None:
+            gate, up = self.fusion.split(self.gate_up_proj(x, idx, sorted_indices=do_sort))
+        else:
+            up = self.up_proj(x, idx, sorted_indices=do_sort)
+            gate = self.gate_proj(x, idx, sorted_indices=do_sort)
+        x = self.down_proj(swiglu(gate, up), idx, sorted_indices=do_sort)
         if do_sort:
             x = mx.unflatten(x[inverse], 0, indices.shape)
         return x.squeeze(-2)

@@ -100,11 +100,12 @@ def load_model(
     dtype: str | None = None,
     revision: str | None = None,
     lazy: bool = False,
+    fuse: bool = True,
 ) -> Loaded:
-    """Load a Qwen3 model and what came with it; `quantize=4|8` quantizes a full-precision checkpoint on load."""
-    return assemble(
-        resolve_model_path(path_or_repo, revision), quantize=quantize, group_size=group_size, dtype=dtype, lazy=lazy
-    )
+    """Load a Qwen3 model and what came with it; `quantize=4|8` quantizes a full-precision checkpoint on load;
+    `fuse=False` keeps q/k/v and gate/up as separate matmuls (`qwen_mlx.fuse`)."""
+    path = resolve_model_path(path_or_repo, revision)
+    return assemble(path, quantize=quantize, group_size=group_size, dtype=dtype, lazy=lazy, fuse=fuse)
 
 
 def load(path_or_repo: str | Path, **options) -> Model:

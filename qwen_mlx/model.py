@@ -5,7 +5,8 @@ MLPs, tied or untied embeddings, default or YaRN RoPE (for dense and MoE alike),
 router whose experts run through gather matmuls. `mx.fast` kernels throughout (rms_norm, rope,
 scaled_dot_product_attention), with mlx-lm's key/value caches (plain or quantized). Parameter names are
 Hugging Face's, with mlx-lm's stacked `mlp.switch_mlp.*` experts, so mlx-lm checkpoints load as they are
-and Hugging Face ones after `sanitize`.
+and Hugging Face ones after `sanitize`. At load, q/k/v and gate/up are fused into one matmul each
+(`qwen_mlx.fuse`); each layer's forward takes either layout, and `fusion` says which it holds.
 The model knows tensors only: token ids in, logits out.
 
 Sharding lives here too, as in mlx-lm's `Model.shard`: `shard(group)` splits every layer across the ranks
@@ -14,7 +15,7 @@ all-reduce after attention and one after the MLP; MoE layers expert-parallel: ea
 `num_experts / N` whole experts, the router replicated), and `keep_stage(start, stop, group)` keeps one
 pipeline stage's layers. Both split the embedding and the head by vocabulary rows (`shard_vocabulary`,
 `VocabParallel`), so every rank holds about 1/N of the weights. `qwen_mlx.distributed` decides the split
-and reads the weights.
+and reads the weights. Sharding cuts the unfused projections; each rank fuses its slices after.
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ from mlx.utils import tree_map
 
 from .config import ModelArgs
 from .errors import QwenMLXError
-from .experts import SwitchGLU
+from .experts import SwitchGLU, swiglu
+from .fuse import Fusion, unfuse
 from .mlxlm import submodule
 from .rope import make_rope
 
 
 class Attention(nn.Module):
+    fusion: Fusion | None = None  # q/k/v as one `qkv_proj` (`qwen_mlx.fuse`)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         dim, head_dim = args.hidden_size, args.head_dim
@@ -49,9 +53,13 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         B, L, _ = x.shape
-        queries = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
-        keys = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
-        values = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if self.fusion is not None:
+            queries, keys, values = self.fusion.split(self.qkv_proj(x))
+        else:
+            queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        queries = self.q_norm(queries.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        keys = self.k_norm(keys.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         # (B, heads, L, head_dim)
         offset = cache.offset if cache is not None else 0
         queries = self.rope(queries, offset=offset)
@@ -68,6 +76,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    fusion: Fusion | None = None  # gate/up as one `gate_up_proj` (`qwen_mlx.fuse`)
+
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
@@ -75,7 +85,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fusion is not None:
+            gate, up = self.fusion.split(self.gate_up_proj(x))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(swiglu(gate, up))
 
 
 class SparseMoeBlock(nn.Module):
@@ -177,6 +191,7 @@ class Model(nn.Module):
     def shard(self, group) -> None:
         """Tensor parallelism: split every layer, the embedding and the head across `group`."""
         n, rank = group.size(), group.rank()
+        unfuse(self)  # shard_linear cuts each projection by name; a rank fuses its slices afterwards
         for layer in self.layers:
             attn = layer.self_attn
             for name, kind in (("q_proj", "all-to-sharded"), ("k_proj", "all-to-sharded"),

@@ -8,6 +8,8 @@ Design decisions:
 - Like mlx-lm, a module whose input width is not a multiple of the group size stays in full precision,
   and the MoE router (`mlp.gate`) is kept at 8 bits, group 64: routing decisions are the most
   quantization-sensitive part of the model and the router is tiny.
+- Paths are the checkpoint's: a model with fused projections (`qwen_mlx.fuse`) is described by its parts'
+  paths (they share their bits, or they would not have been fused), and unfused for quantizing.
 - Loading follows mlx-lm's rule: a module is quantized when the block names it or its `.scales` tensor
   is on disk, with bits and group size read back from the tensor shapes where the block is silent.
 """
@@ -23,6 +25,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import QwenMLXError
+from .fuse import fuse, is_fused, unfuse, unfused_modules
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -76,8 +79,12 @@ def quantization_plan(
 
 def quantize_model(model: nn.Module, bits: int, group_size: int = 64, recipe: Recipe | None = None) -> dict:
     """Quantize `model` in place (lazily) and return its config's `quantization` block."""
+    fused = is_fused(model)
+    unfuse(model)  # the plan and the recipe name the checkpoint's modules
     block, plan = quantization_plan(model, bits, group_size, recipe)
     nn.quantize(model, group_size, bits, mode="affine", class_predicate=lambda path, _: plan.get(path, False))
+    if fused:
+        fuse(model)
     return block
 
 
@@ -86,7 +93,7 @@ def quantization_block(model: nn.Module) -> dict | None:
     common bits and group size, and an entry for each module quantized otherwise."""
     found = {
         path: (module.group_size, module.bits)
-        for path, module in model.named_modules()
+        for path, module in unfused_modules(model)
         if "scales" in module and hasattr(module, "bits") and hasattr(module, "group_size")
     }
     if not found:

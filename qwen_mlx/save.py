@@ -5,7 +5,8 @@ at most 5 GiB (`model.safetensors`, or `model-0000K-of-0000N.safetensors`) with 
 `format: mlx`, `model.safetensors.index.json` with `total_size`, `total_parameters` and a sorted weight
 map, and `config.json` with keys sorted and the `quantization` block duplicated as
 `quantization_config`. Everything is written into a temporary folder beside the target and renamed into
-place only when complete, so a failure never leaves a half-written model behind.
+place only when complete, so a failure never leaves a half-written model behind. A model loaded with fused
+projections (`qwen_mlx.fuse`) is written unfused: the tensors mlx-lm names, byte for byte as they were read.
 
 Design decisions for writing OUT (`write_folder`):
 - Beside OUT live only names of our own kind: `.OUT.tmp-XXXXXXXX` (the folder being written),
@@ -45,11 +46,11 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from .checkpoint import Loaded
 from .config import ModelArgs
 from .errors import QwenMLXError
+from .fuse import unfused_parameters
 from .quant import parameter_count, quantization_block
 
 MAX_SHARD_BYTES = 5 << 30
@@ -383,7 +384,7 @@ def save(
     config = export_config(config, model.args)
 
     def write(folder: Path) -> None:
-        weights = dict(tree_flatten(model.parameters()))
+        weights = unfused_parameters(model)
         write_weights(folder, weights, parameter_count(model), max_shard_bytes)
         write_config(folder, config)
         copy_companions(source, folder)

@@ -134,7 +134,9 @@ def load_part(
 
     part.after = cut
     # The memory check in `assemble` weighs this rank's part against this Mac, before it is read.
-    loaded = checkpoint.assemble(path, config, quantize=quantize, group_size=group_size, part=part)
+    # Unfused (`qwen_mlx.fuse`): a rank's slices are read eagerly, so joining them would hold one layer's
+    # projections twice and lift the loading peak past a rank's share; fusing is exact here all the same.
+    loaded = checkpoint.assemble(path, config, quantize=quantize, group_size=group_size, part=part, fuse=False)
     mx.clear_cache()
     loaded.link = Link(plan_.group)
     return loaded
