@@ -41,11 +41,15 @@ def app(demo_model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 async def settle(pilot) -> None:
     app: ChatApp = pilot.app
     start = time.monotonic()
-    while app.engine.backend is None and time.monotonic() - start < 60:
+    # Loaded: the backend is there and the app has handled the engine's Loaded message (status drawn).
+    while (app.engine.backend is None or app.status.state) and time.monotonic() - start < 60:
         await asyncio.sleep(0.05)
-    assert app.engine.backend is not None
+    assert app.engine.backend is not None and not app.status.state
     app.query_one(ChatInput).cursor_blink = False
-    app.status.memory = 42 << 20  # MLX's memory count is process-wide, so earlier tests change it: frozen
+    # MLX's memory count is process-wide, so earlier tests change it: frozen at the source, so a status
+    # refresh that lands after this (the context count of the loaded chat) shows the same figure.
+    app.engine.backend.memory = lambda: 42 << 20
+    app.status.memory = 42 << 20
     app._refresh_status()
     await pilot.pause()
 
