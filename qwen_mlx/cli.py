@@ -314,12 +314,22 @@ def serve(args: argparse.Namespace) -> int:
         loaded = load_model(args)
         return loaded, Tokenizer.load(loaded.path)
 
+    draft = speculation(args)
+
+    def load_draft(loaded, tokenizer):
+        from .speculative import load_draft
+
+        print(f"qwen-mlx: loading the draft model {draft}", file=sys.stderr, flush=True)
+        return load_draft(draft, loaded.model.args.vocab_size, tokenizer)
+
     scheduler = Scheduler(
         load_with_tokenizer,
         max_batch=args.max_batch,
         max_waiting=args.max_waiting,
         prefill_step_size=args.prefill_step_size,
         default_max_tokens=args.max_tokens_default,
+        load_draft=load_draft if draft not in (None, "lookup") else None,
+        speculative=(("lookup" if draft == "lookup" else "model"), args.num_draft_tokens) if draft else None,
     )
     model_id = args.model_name or (
         args.model if not os.path.isdir(args.model) else os.path.basename(os.path.abspath(args.model))
@@ -554,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--revision", help="a branch, tag or commit of a Hub repo")
     srv.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     add_distributed_options(srv)
+    add_speculation_options(srv)
     srv.set_defaults(handler=serve)
 
     chat_parser = commands.add_parser(

@@ -167,6 +167,7 @@ class Generation:
         self.drafter = drafter
         self.num_draft_tokens = num_draft_tokens
         self.tokens: list[int] = []  # everything yielded so far
+        self.buffered = 0  # speculation: tokens of the last pass still to yield (0: the next one runs a pass)
         self.logprobs: mx.array | None = None  # log-probabilities the last sampled token was drawn from
         self.stats = Stats(prefill_tokens=len(self.prompt_ids))
         self._sequence: mx.array | None = None  # what the processors see: history, prompt, each sampled token
@@ -305,6 +306,7 @@ class Generation:
                             self.on_prefill(len(self.prompt_ids), len(self.prompt_ids))
                     self.tokens.append(value)
                     self.logprobs = value_logprobs
+                    self.buffered = len(emitted) - j - 1
                     stats.completion_tokens = len(self.tokens)
                     stats.measure(start, first_token_at, time.perf_counter())
                     yield value

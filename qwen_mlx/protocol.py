@@ -36,6 +36,7 @@ class ErrorBody(BaseModel):
 
 
 # A route that queues a turn also answers 429 when every slot and waiting place is taken (`Overloaded`).
+MAX_DRAFT_TOKENS = 32  # a request's `speculative.k`: more only costs verification work
 BUSY = {429: {"description": "The server is busy: every slot and waiting place is taken; try again shortly"}}
 
 
@@ -103,8 +104,16 @@ class ChatTemplateKwargs(BaseModel):
     enable_thinking: bool | None = None
 
 
+class Speculative(Body):
+    """qwen-mlx's extension: speculative decoding for this request (the same tokens, fewer model passes)."""
+
+    draft: Literal["lookup", "model", "none"]  # prompt lookup, the server's --draft-model, or off
+    k: int | None = Field(default=None, ge=1, le=MAX_DRAFT_TOKENS)  # tokens per pass; None: the server's
+
+
 class _Sampling(Body):
     model: str | None = None
+    speculative: Speculative | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)

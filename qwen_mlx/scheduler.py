@@ -17,6 +17,11 @@ Design decisions:
   cancelled ticket (a client that went away) leaves the batch before the next step.
 - A failure inside a step fails the tickets in that batch, drops the batch and carries on: the server
   outlives any request.
+- Speculative decoding (a turn's `speculative`, else the server's default): such a turn runs outside the
+  batch, through `Generation` with its drafter, one verification pass per round of the worker's loop,
+  between the batch's decode steps; the batch keeps batching. Its cache comes from and goes back to the
+  same prompt cache. (Verifying inside mlx-lm's batch would need per-row trimming of its batch cache; until
+  then a speculative turn is its own row of work, never a reason to stop batching the others.)
 - On several Macs (a loaded part with a `link`, see `qwen_mlx.distributed`) turns run one at a time
   through `Generation`, which keeps the other ranks in step; the conversation's cache is kept across
   turns, so a continuing chat prefills only what is new.
@@ -28,20 +33,32 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import mlx.core as mx
 
 from .cache import cache_length, common_prefix, make_cache, trim_cache
 from .checkpoint import Loaded
-from .engine import Generation
-from .errors import Overloaded
+from .engine import DEFAULT_DRAFT_TOKENS, Generation
+from .errors import Overloaded, QwenMLXError
 from .parser import Event
+from .speculative import DraftModel, PromptLookup
 from .tokenizer import Tokenizer
 from .turn import ChatStats, TokenLogprob, TurnPlan, TurnReader, Turns
 
 __all__ = ["Failed", "Finished", "Overloaded", "Scheduler", "Step", "Ticket"]
+
+
+@dataclass
+class _Speculation:
+    """A speculative turn running outside the batch: its generation, stepped one pass at a time."""
+
+    ticket: Ticket
+    reader: TurnReader
+    generation: Generation
+    steps: Iterator[int]
+    end_ids: set[int]
 
 
 @dataclass(frozen=True)
@@ -99,8 +116,13 @@ class Scheduler:
         prefill_step_size: int = 512,
         prompt_cache_size: int = 8,
         default_max_tokens: int | None = None,
+        load_draft: Callable[[Loaded, Tokenizer], DraftModel] | None = None,
+        speculative: tuple[str, int] | None = None,
     ):
         self._load = load
+        self._load_draft = load_draft  # the draft model for speculation with "model", loaded with the target
+        self.speculative = speculative  # the default for a turn that does not say: ("lookup" | "model", k)
+        self.draft: DraftModel | None = None
         self.default_max_tokens = default_max_tokens  # for a request that sets no max tokens
         self.max_batch = max_batch
         self.max_waiting = max_waiting
@@ -175,6 +197,8 @@ class Scheduler:
         try:
             self.loaded, self.tokenizer = self._load()
             self.model = self.loaded.model
+            if self._load_draft is not None:
+                self.draft = self._load_draft(self.loaded, self.tokenizer)
             args = self.model.args
             self.turns = Turns(
                 self.tokenizer,
@@ -211,13 +235,22 @@ class Scheduler:
         batch = new_batch()
         live: dict[int, TurnReader] = {}
         tickets: dict[int, Ticket] = {}
+        speculating: list[_Speculation] = []
         while True:
-            items = self._arrivals(wait=not live)
+            items = self._arrivals(wait=not live and not speculating)
             if None in items:
                 batch.close()
                 return
             for ticket in items:
                 if ticket.cancelled:
+                    continue
+                spec = self._speculation_for(ticket.turn)
+                if spec is not None:
+                    try:
+                        speculating.append(self._start_speculation(prompt_cache, ticket, spec, end_ids))
+                    except Exception as e:
+                        ticket.put(Failed(f"could not start the request: {e}"))
+                        ticket.put(None)
                     continue
                 try:
                     uid, cached = self._admit(batch, prompt_cache, ticket)
@@ -227,6 +260,7 @@ class Scheduler:
                     continue
                 live[uid] = self.turns.reader(ticket.turn, cached=cached, started=ticket.submitted)
                 tickets[uid] = ticket
+            speculating = [run for run in speculating if self._speculate_once(run, prompt_cache)]
             gone = [uid for uid in live if tickets[uid].cancelled]
             if gone:
                 batch.remove(gone)
@@ -260,6 +294,72 @@ class Scheduler:
                 batch.close()
                 batch = new_batch()
                 mx.clear_cache()
+
+    def _speculation_for(self, turn: TurnPlan) -> tuple[str, int] | None:
+        """The turn's (drafter, k), or the server's default; None for plain batched decoding."""
+        spec = turn.speculative or self.speculative
+        if spec is None or spec[0] == "none" or self.loaded.link is not None:
+            return None
+        default_k = self.speculative[1] if self.speculative else DEFAULT_DRAFT_TOKENS
+        return spec[0], spec[1] or default_k
+
+    def _start_speculation(self, prompt_cache, ticket: Ticket, spec: tuple[str, int], end_ids) -> _Speculation:
+        from .mlxlm import submodule
+
+        trim_prompt_cache = submodule("models.cache").trim_prompt_cache
+        kind, k = spec
+        if kind == "model" and self.draft is None:
+            raise QwenMLXError("this server has no draft model: start it with --draft-model M")
+        turn = ticket.turn
+        ids = turn.prompt_ids
+        cache, rest = prompt_cache.fetch_nearest_cache(None, ids)
+        if cache is None:
+            cache, rest = make_cache(self.model, None), ids
+        elif not rest:  # the whole prompt is cached: recompute its last token to get logits
+            trim_prompt_cache(cache, 1)
+            rest = ids[-1:]
+        cached = len(ids) - len(rest)
+        generation = Generation(
+            self.model,
+            rest,
+            cache,
+            history=ids[:cached],
+            sampler=turn.sampler,
+            logits_processors=turn.processors,
+            max_tokens=turn.max_tokens,
+            end_ids=end_ids,
+            prefill_step_size=self.prefill_step_size,
+            drafter=PromptLookup() if kind == "lookup" else self.draft,
+            num_draft_tokens=k,
+        )
+        reader = self.turns.reader(turn, cached=cached, started=ticket.submitted)
+        return _Speculation(ticket, reader, generation, iter(generation), end_ids)
+
+    def _speculate_once(self, run: _Speculation, prompt_cache) -> bool:
+        """One verification pass of a speculative turn, its tokens delivered; False once the turn is over."""
+        generation, ticket = run.generation, run.ticket
+        try:
+            while not ticket.cancelled:
+                token = next(run.steps, None)
+                if token is None:  # ended without a token to say so (max_tokens reached before)
+                    break
+                over = len(generation.tokens) >= ticket.turn.max_tokens
+                finish = "stop" if token in run.end_ids else "length" if over else None
+                if self._deliver(ticket, run.reader, token, generation.logprobs, finish, generation.stats):
+                    break
+                if generation.buffered == 0:
+                    return True  # the next token needs a pass: let the batch step first
+        except Exception as e:
+            ticket.put(Failed(f"generation failed: {e}"))
+            ticket.put(None)
+            run.steps.close()
+            return False
+        run.steps.close()  # trims the cache to what was delivered
+        fed = generation.history + generation.prompt_ids + generation.tokens
+        tokens = fed[: cache_length(generation.cache)]
+        if len({c.offset for c in generation.cache}) == 1 and tokens:
+            prompt_cache.insert_cache(None, tokens, generation.cache)
+        return False
 
     def _arrivals(self, wait: bool) -> list:
         """What arrived in the inbox; with `wait` (idle), sleep until something does."""
@@ -350,13 +450,17 @@ class Scheduler:
         )
         return uid, cached
 
-    def _deliver(self, ticket: Ticket, reader: TurnReader, token: int, logprobs: mx.array, finish: str | None) -> bool:
-        """Hand one token to its ticket; True when the turn is over."""
+    def _deliver(
+        self, ticket: Ticket, reader: TurnReader, token: int, logprobs: mx.array, finish: str | None, engine=None
+    ) -> bool:
+        """Hand one token to its ticket; True when the turn is over. `engine`: a speculative turn's counts."""
         events = reader.feed(token)
         entry = reader.logprob(token, logprobs) if ticket.turn.top_logprobs is not None else None
         over = finish is not None or reader.stopped
         if over:
             closing, stats = reader.finish(finish)
+            if engine is not None:
+                stats.count_speculation(engine)
             events = events + closing
         if events or entry:
             ticket.put(Step(events, [entry] if entry else None))

@@ -216,8 +216,14 @@ def plan_chat(turns: Turns, body: ChatCompletionRequest) -> TurnPlan:
         stop=[body.stop] if isinstance(body.stop, str) else body.stop or (),
         template_kwargs=extra,
         top_logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        speculative=_speculative(body),
     )
     return turns.plan([_template_message(m) for m in body.messages], options)
+
+
+def _speculative(body) -> tuple[str, int | None] | None:
+    """The request's `speculative` extension as the turn's (drafter, k)."""
+    return (body.speculative.draft, body.speculative.k) if body.speculative else None
 
 
 def plan_completion(turns: Turns, body: CompletionRequest, prompt) -> TurnPlan:
@@ -226,18 +232,26 @@ def plan_completion(turns: Turns, body: CompletionRequest, prompt) -> TurnPlan:
         sampling=_sampling(body),
         stop=[body.stop] if isinstance(body.stop, str) else body.stop or (),
         top_logprobs=body.logprobs,
+        speculative=_speculative(body),
     )
     return turns.plan_text(prompt, options)
 
 
 def usage(stats) -> dict:
-    return {
+    counts = {
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.completion_tokens,
         "total_tokens": stats.prompt_tokens + stats.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
         "completion_tokens_details": {"reasoning_tokens": stats.reasoning_tokens},
     }
+    if stats.draft_tokens:  # qwen-mlx's extension: what speculative decoding saved
+        counts["speculative"] = {
+            "draft_tokens": stats.draft_tokens,
+            "accepted_tokens": stats.accepted_tokens,
+            "target_passes": stats.target_passes,
+        }
+    return counts
 
 
 def tool_call_json(call: ToolCall, index: int | None = None) -> dict:
@@ -357,6 +371,11 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
     async def _unexpected(request: Request, e: Exception):
         return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error", path=request.url.path)
 
+    def check_speculative(body) -> None:
+        if body.speculative and body.speculative.draft == "model" and scheduler.draft is None:
+            raise APIError(400, "this server has no draft model: start it with --draft-model M, or ask for "
+                           '{"draft": "lookup"}', param="speculative.draft")  # fmt: skip
+
     def check_model(name: str | None) -> None:
         if name and not settings.serves(name):
             hint = " (serve with --alias NAME to answer to it)"
@@ -389,6 +408,7 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
     @app.post("/v1/chat/completions", responses=BUSY)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
+        check_speculative(body)
         turn = await asyncio.to_thread(plan_chat, scheduler.turns, body)
         ticket = scheduler.submit(turn)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_id}
@@ -401,6 +421,7 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
     @app.post("/v1/completions", responses=BUSY)
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
+        check_speculative(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) or _is_ids(body.prompt) else list(body.prompt)
         if not prompts or len(prompts) > 16:
             raise APIError(400, "prompt must be a string, a list of token ids, or 1 to 16 strings", param="prompt")

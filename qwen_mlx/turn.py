@@ -129,6 +129,7 @@ class TurnOptions:
     stop: Sequence[str] = ()
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     top_logprobs: int | None = None  # None: no logprobs
+    speculative: tuple[str, int] | None = None  # ("lookup" | "model" | "none", draft tokens); None: the default
 
 
 @dataclass
@@ -146,6 +147,7 @@ class TurnPlan:
     tool_format: str = qwen3.JSON_TOOL_CALLS  # how the template writes a call (`format.tool_call_format`)
     thinking: bool = True  # the mode, for the stats
     top_logprobs: int | None = None
+    speculative: tuple[str, int] | None = None  # ("lookup" | "model" | "none", draft tokens); None: the default
 
     @property
     def processors(self) -> list:
@@ -305,6 +307,7 @@ class Turns:
             tool_format=self.tool_format,
             thinking=thinking,
             top_logprobs=o.top_logprobs,
+            speculative=o.speculative,
         )
 
     def plan_text(self, prompt: str | Sequence[int], options: TurnOptions | None = None) -> TurnPlan:
@@ -331,6 +334,7 @@ class Turns:
             tool_calls=False,
             thinking=False,
             top_logprobs=o.top_logprobs,
+            speculative=o.speculative,
         )
 
     def reader(self, plan: TurnPlan, *, cached: int = 0, started: float | None = None) -> TurnReader:
