@@ -282,6 +282,8 @@ class ChatApp(App):
             self.status.tokens_per_s = stats.generation_tps
         self.status.memory = self._memory(self.engine.backend)
         self._refresh_status()
+        for note in getattr(stats, "notes", None) or ():  # asked-for behaviour this model lacks (2507 models)
+            await self.say(note)
         if message.error:
             await self.say(message.error, error=True)
         elif self._answered_nothing(stats):

@@ -196,6 +196,8 @@ def stream_reply(args: argparse.Namespace, session, turn_options: dict | None = 
                 elif isinstance(event, Done):
                     out.write("\n")
                     out.flush()
+                    for note in event.stats.notes:
+                        print(f"qwen-mlx: note: {note}", file=sys.stderr)
                     print(format_stats(event.stats), file=sys.stderr)
             out.flush()
     finally:

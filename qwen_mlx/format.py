@@ -143,13 +143,33 @@ def normalize_messages(messages: Sequence[dict]) -> list[dict]:
     return normalized
 
 
-def thinking_mode(messages: Sequence[dict], enable_thinking: bool = True) -> bool:
-    """Whether the model will think: off when the template is told so, else the latest soft switch wins."""
-    if not enable_thinking:
-        return False
+# How a template lets a turn think: Qwen3's switch (`enable_thinking`, /think, /no_think), always
+# (Thinking-2507 opens `<think>` itself), or never (Instruct-2507 has no thinking at all).
+SWITCHED, ALWAYS_THINKS, NEVER_THINKS = "switched", "always", "never"
+
+
+def thinking_control(phase_on: str, phase_off: str) -> str:
+    """Which of the three a template is, from where its prompt leaves a turn told to think (`phase_on`)
+    and told not to (`phase_off`): read from what it renders, so any checkpoint's template is placed."""
+    if phase_off == THINKING:
+        return ALWAYS_THINKS
+    if phase_on == phase_off == START:
+        return NEVER_THINKS
+    return SWITCHED
+
+
+def latest_switch(messages: Sequence[dict]) -> str | None:
+    """The latest `/think` or `/no_think` in a user or system message ("think" or "no_think"), or None."""
     for message in reversed(messages):
         if message["role"] in ("user", "system"):
             switches = SOFT_SWITCH.findall(message["content"])
             if switches:
-                return switches[-1] == "think"
-    return True
+                return switches[-1]
+    return None
+
+
+def thinking_mode(messages: Sequence[dict], enable_thinking: bool = True) -> bool:
+    """Whether the model will think: off when the template is told so, else the latest soft switch wins."""
+    if not enable_thinking:
+        return False
+    return latest_switch(messages) != "no_think"

@@ -30,6 +30,7 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -46,6 +47,8 @@ from .parser import Event
 from .speculative import DraftModel, PromptLookup
 from .tokenizer import Tokenizer
 from .turn import ChatStats, TokenLogprob, TurnPlan, TurnReader, Turns
+
+log = logging.getLogger("qwen_mlx")
 
 __all__ = ["Failed", "Finished", "Overloaded", "Scheduler", "Step", "Ticket"]
 
@@ -160,6 +163,8 @@ class Scheduler:
 
     def submit(self, turn: TurnPlan) -> Ticket:
         """Queue a turn (call on the event loop). Raises `Overloaded` when the house is full."""
+        for note in turn.notes:  # what the client asked that this model cannot do (a 2507 model's thinking)
+            log.warning("%s", note)
         if self._in_flight >= self.max_batch + self.max_waiting:
             raise Overloaded(
                 f"the server is busy: {self._in_flight} requests are running or waiting; try again shortly"

@@ -67,6 +67,7 @@ class ChatStats(Stats):
     reasoning_tokens: int = 0
     thinking: bool = True  # the mode the turn ran in, soft switches applied
     stop_sequence: str | None = None  # the stop string that ended the reply (finish_reason "stop")
+    notes: list[str] = field(default_factory=list)  # the plan's: asked-for behaviour this model lacks
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ class TurnPlan:
     thinking: bool = True  # the mode, for the stats
     top_logprobs: int | None = None
     speculative: tuple[str, int] | None = None  # ("lookup" | "model" | "none", draft tokens); None: the default
+    notes: list[str] = field(default_factory=list)  # what the user asked that this model cannot do, said once
 
     @property
     def processors(self) -> list:
@@ -219,6 +221,28 @@ class Turns:
         self.default_max_tokens = default_max_tokens  # a turn that sets none gets this (None: the room left)
         self.special = SpecialIds.of(tokenizer)
         self.tool_format = qwen3.tool_call_format(tokenizer.chat_template)
+        self.thinking_control = self._thinking_control()
+
+    def _thinking_control(self) -> str:
+        """Whether this checkpoint's template switches thinking, always thinks or never does."""
+        probe = [{"role": "user", "content": "Hi"}]
+        try:
+            on, off = (self.render(probe, enable_thinking=flag) for flag in (True, False))
+        except QwenMLXError:  # a template that cannot render a plain turn: Qwen3's rules, and its own errors later
+            return qwen3.SWITCHED
+        return qwen3.thinking_control(qwen3.prompt_phase(on, self.special), qwen3.prompt_phase(off, self.special))
+
+    def _thinking(self, messages: list[dict], o: TurnOptions) -> tuple[bool, list[str]]:
+        """The turn's thinking mode, and a note when what was asked does not apply to this model."""
+        asked = thinking_mode(messages, o.enable_thinking)
+        if self.thinking_control == qwen3.ALWAYS_THINKS:
+            note = "this model always thinks (Thinking-2507): enable_thinking=false and /no_think do not apply"
+            return True, [] if asked else [note]
+        if self.thinking_control == qwen3.NEVER_THINKS:
+            wanted = o.thinking_budget is not None or qwen3.latest_switch(messages) == "think"
+            note = "this model does not think (Instruct-2507): /think and thinking budgets do not apply"
+            return False, [note] if wanted else []
+        return asked, []
 
     def render(
         self,
@@ -283,7 +307,7 @@ class Turns:
         choice = _tool_choice(o.tool_choice, tools)
         prompt_ids = self.render(messages, tools, o.enable_thinking, o.template_kwargs)
         max_tokens = self.fit(len(prompt_ids), o.max_tokens)
-        thinking = thinking_mode(messages, o.enable_thinking)
+        thinking, notes = self._thinking(messages, o)
         sampling = (o.sampling or Sampling()).resolve(self.generation_config, thinking)
         guide = TurnGuide(
             self.tokenizer,
@@ -308,6 +332,7 @@ class Turns:
             thinking=thinking,
             top_logprobs=o.top_logprobs,
             speculative=o.speculative,
+            notes=notes,
         )
 
     def plan_text(self, prompt: str | Sequence[int], options: TurnOptions | None = None) -> TurnPlan:
@@ -462,5 +487,6 @@ class TurnReader:
         stats.finish_reason = finish
         stats.reasoning_tokens = self.parser.reasoning_tokens if self.plan.chat else 0
         stats.stop_sequence = self.parser.stop_sequence if self.plan.chat else self.stops.matched
+        stats.notes = list(self.plan.notes)
         stats.measure(self.started, self.first_token_at, time.perf_counter())
         return events, stats

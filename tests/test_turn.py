@@ -11,6 +11,7 @@ import mlx.core as mx
 import pytest
 from fixtures import VOCAB_SIZE, tokenizer_dir
 
+from qwen_mlx import format as qwen3
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.parser import ToolCall
 from qwen_mlx.sampling import Sampling
@@ -136,3 +137,48 @@ def test_a_coder_template_gets_object_arguments_and_its_calls_are_read_as_xml(tm
         ("get_weather", {"city": "Lyon", "days": 5})
     ]
     assert reader.stats.finish_reason == "tool_calls"
+
+
+QWEN3_PROMPT_END = "{%- if enable_thinking is defined and enable_thinking is false %}"
+
+
+def turns_with_template(tmp_path: Path, name: str, change) -> Turns:
+    """The real tokenizer with the real Qwen3 template as `change` rewrites it (as chat_template.jinja)."""
+    folder = tmp_path / name
+    shutil.copytree(tokenizer_dir(), folder)
+    template = json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+    changed = change(template)
+    assert changed != template
+    (folder / "chat_template.jinja").write_text(changed)
+    return Turns(Tokenizer.load(folder), VOCAB_SIZE, 262144)
+
+
+def test_2507_models_are_recognised_from_their_template_and_say_what_does_not_apply(turns, tmp_path):
+    assert turns.thinking_control == qwen3.SWITCHED
+    hello, no_think = [{"role": "user", "content": "Hello"}], [{"role": "user", "content": "Hello /no_think"}]
+
+    # Thinking-2507: the generation prompt opens <think> itself, whatever enable_thinking says.
+    thinking = turns_with_template(
+        tmp_path,
+        "thinking-2507",
+        lambda t: t.replace(QWEN3_PROMPT_END, "{%- if false %}").replace(
+            "{{- '<|im_start|>assistant\\n' }}", "{{- '<|im_start|>assistant\\n<think>\\n' }}"
+        ),
+    )
+    assert thinking.thinking_control == qwen3.ALWAYS_THINKS
+    for messages, options in ((hello, TurnOptions(enable_thinking=False)), (no_think, TurnOptions())):
+        plan = thinking.plan(messages, options)
+        assert plan.thinking and "always thinks" in plan.notes[0]
+        assert plan.sampler is not None and plan.prompt_ids[-2] == thinking.special.think_start
+    assert thinking.plan(hello).notes == []
+
+    # Instruct-2507: no switch at all; a budget or /think does not apply, and the turn is a non-thinking one.
+    instruct = turns_with_template(tmp_path, "instruct-2507", lambda t: t.replace(QWEN3_PROMPT_END, "{%- if false %}"))
+    assert instruct.thinking_control == qwen3.NEVER_THINKS
+    plan = instruct.plan([{"role": "user", "content": "Hello /think"}], TurnOptions())
+    assert not plan.thinking and "does not think" in plan.notes[0]
+    assert "does not think" in instruct.plan(hello, TurnOptions(thinking_budget=64)).notes[0]
+    assert instruct.plan(hello).notes == [] and instruct.context_length == 262144
+    # The notes reach the turn's stats, which every front end reads.
+    reader = instruct.reader(plan)
+    assert reader.finish("stop")[1].notes == plan.notes
