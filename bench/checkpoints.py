@@ -95,6 +95,15 @@ SHAPES: dict[str, dict[str, Any]] = {
         "intermediate_size": 12288,
         "tie_word_embeddings": False,
     },
+    "qwen3-32b": {
+        "model_type": "qwen3",
+        "num_hidden_layers": 64,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "hidden_size": 5120,
+        "intermediate_size": 25600,
+        "tie_word_embeddings": False,
+    },
     "qwen3-30b-a3b": {
         **_MOE,
         "num_hidden_layers": 48,
@@ -129,6 +138,17 @@ SHAPES: dict[str, dict[str, Any]] = {
         "num_experts_per_tok": 4,
         "moe_intermediate_size": 128,
         "tie_word_embeddings": False,
+    },
+    # A draft for tiny-dense (same vocabulary, a quarter of its layer compute), as 0.6B is for the 8B.
+    "tiny-draft": {
+        "model_type": "qwen3",
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 64,
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "tie_word_embeddings": True,
     },
 }
 

@@ -1,7 +1,9 @@
 """What the benchmark writes: the machine it ran on, medians and ratios, a markdown table and a chart.
 
 Every ratio is qwen_mlx ÷ mlx-lm of the medians over the rounds: above 1 is better for speeds (tok/s),
-below 1 is better for TTFT and memory.
+below 1 is better for TTFT and memory. The speculative tables (`speculative_markdown`) give each side's
+speed as a ratio to plain decoding on its own library, next to its work counts (drafts kept, target passes
+per generated token), which do not depend on the machine.
 """
 
 from __future__ import annotations
@@ -227,11 +229,96 @@ def chart(results: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-def write(results: dict[str, Any], out: Path, stem: str) -> dict[str, Path]:
+def _share(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
+def _same(value: bool | None) -> str:
+    return "–" if value is None else ("yes" if value else "**no**")
+
+
+def speculative_table(prompts: list[dict[str, Any]], plain: dict[str, str]) -> str:
+    """One row per prompt and side: speed (and its ratio to that library's plain decoding), work counts."""
+    lines = [
+        "| prompt | side | decode tok/s | ÷ plain | TTFT | total | drafts kept | passes/token | tokens = plain |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for prompt in prompts:
+        summary = prompt["summary"]
+        for side, s in summary.items():
+            speed, base = s["decode_tps"], summary[plain[side]]["decode_tps"]
+            lines.append(
+                f"| {prompt['name']} ({prompt['prompt_tokens']} tokens) | {side} | {_value('decode_tps', speed)}"
+                f" | {speed / base:.2f}× | {_value('ttft_s', s['ttft_s'])} | {_value('ttft_s', s['total_s'])}"
+                f" | {_share(s['acceptance'])}"
+                f" | {s['passes_per_token']:.2f} | {_same(s['same_tokens'])} |"
+            )
+    return "\n".join(lines)
+
+
+def work_table(prompts: list[dict[str, Any]]) -> str:
+    lines = ["| prompt | side | tokens | drafts kept | passes/token | tokens = plain |", "|---|---|---|---|---|---|"]
+    for prompt in prompts:
+        for side, s in prompt["sides"].items():
+            lines.append(
+                f"| {prompt['name']} ({prompt['prompt_tokens']} tokens) | {side} | {s['completion_tokens']}"
+                f" | {_share(s['acceptance'])} | {s['passes_per_token']:.2f} | {_same(s['same_tokens'])} |"
+            )
+    return "\n".join(lines)
+
+
+def speculative_markdown(results: dict[str, Any]) -> str:
+    settings = results["settings"]
+    info = results["machine"]
+    parts = [
+        f"Speculative decoding, greedy, {settings['num_draft_tokens']} drafts per pass, prompts up to "
+        f"{settings['prompt_tokens']} tokens, {settings['max_tokens']} generated, medians of {settings['rounds']} "
+        f"rounds in rotating order. Decode counts from the first target pass's last token (mlx-lm's first pass "
+        f"already verifies drafts); total is the call to the last token. {machine_line(info)}.",
+    ]
+    if info["backend"] == "cpu":
+        parts.append(
+            "\nOn MLX's CPU backend a pass over k tokens costs about k single steps, so the speeds below are "
+            "not what speculation gains where decoding is bound by reading the weights (Apple silicon, a GPU); "
+            "the work counts (drafts kept, passes per token) are the same on any machine."
+        )
+    plain = {side: side.partition(" + ")[0] for side in results["sides"]}
+    for target in results["speculative"]:
+        head = target["head_to_head"]
+        parts += [
+            "",
+            f"Target {target['label']}, draft {target['draft']}: random weights, so what they accept says nothing "
+            f"about real text (the demo model's counts below do); these rows are for speed. qwen_mlx ÷ mlx-lm, "
+            f"decode / end to end: plain **{head['plain decode']:.2f}×** / {head['plain end to end']:.2f}×, "
+            f"with the same draft model **{head['draft decode']:.2f}×** / {head['draft end to end']:.2f}×.",
+            "",
+            speculative_table(target["prompts"], plain),
+        ]
+    work = results.get("work_counts")
+    if work:
+        parts += [
+            "",
+            f"Work counts on the demo model ({work['label']}; it drafts for itself, so every draft a plain "
+            f"decode would make is kept), up to {work['max_tokens']} tokens, greedy, end token on:",
+            "",
+            work_table(work["prompts"]),
+        ]
+    return "\n".join(parts)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomically: a run stopped halfway leaves the previous results whole."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def write(results: dict[str, Any], out: Path, stem: str, render=markdown, draw=chart) -> dict[str, Path]:
+    """Write `<stem>.json`, `<stem>.md` (by `render`) and, unless `draw` is None, `<stem>.png`."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md"}
-    paths["json"].write_text(json.dumps(results, indent=1) + "\n")
-    paths["markdown"].write_text(markdown(results) + "\n")
-    if chart(results, out / f"{stem}.png"):
+    _write_text(paths["json"], json.dumps(results, indent=1) + "\n")
+    _write_text(paths["markdown"], render(results) + "\n")
+    if draw is not None and draw(results, out / f"{stem}.png"):
         paths["png"] = out / f"{stem}.png"
     return paths
