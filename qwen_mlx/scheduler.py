@@ -309,20 +309,12 @@ class Scheduler:
         return spec[0], spec[1] or default_k
 
     def _start_speculation(self, prompt_cache, ticket: Ticket, spec: tuple[str, int], end_ids) -> _Speculation:
-        from .mlxlm import submodule
-
-        trim_prompt_cache = submodule("models.cache").trim_prompt_cache
         kind, k = spec
         if kind == "model" and self.draft is None:
             raise QwenMLXError("this server has no draft model: start it with --draft-model M")
         turn = ticket.turn
         ids = turn.prompt_ids
-        cache, rest = prompt_cache.fetch_nearest_cache(None, ids)
-        if cache is None:
-            cache, rest = make_cache(self.model, None), ids
-        elif not rest:  # the whole prompt is cached: recompute its last token to get logits
-            trim_prompt_cache(cache, 1)
-            rest = ids[-1:]
+        cache, rest = self._cached_start(prompt_cache, ids)
         cached = len(ids) - len(rest)
         generation = Generation(
             self.model,
@@ -432,18 +424,22 @@ class Scheduler:
                 continue
             cached_ids = (ids + generation.tokens)[: cache_length(cache)]
 
-    def _admit(self, batch, prompt_cache, ticket: Ticket) -> tuple[int, int]:
+    def _cached_start(self, prompt_cache, ids: list[int]) -> tuple[list, list[int]]:
+        """The nearest cached prefix of `ids` (a copy) and the tokens still to feed, at least one."""
         from .mlxlm import submodule
 
-        trim_prompt_cache = submodule("models.cache").trim_prompt_cache
-        turn = ticket.turn
-        ids = turn.prompt_ids
         cache, rest = prompt_cache.fetch_nearest_cache(None, ids)
         if cache is None:
-            cache, rest = make_cache(self.model, None), ids
-        elif not rest:  # the whole prompt is cached: recompute its last token to get logits
-            trim_prompt_cache(cache, 1)
+            return make_cache(self.model, None), ids
+        if not rest:  # the whole prompt is cached: recompute its last token to get logits
+            submodule("models.cache").trim_prompt_cache(cache, 1)
             rest = ids[-1:]
+        return cache, rest
+
+    def _admit(self, batch, prompt_cache, ticket: Ticket) -> tuple[int, int]:
+        turn = ticket.turn
+        ids = turn.prompt_ids
+        cache, rest = self._cached_start(prompt_cache, ids)
         cached = len(ids) - len(rest)
         (uid,) = batch.insert(
             [list(rest)],
