@@ -45,6 +45,8 @@ def info(args: argparse.Namespace) -> int:
     }
     if a.num_experts:
         summary["experts"] = f"{a.num_experts_per_tok} of {a.num_experts}, expert width {a.moe_intermediate_size}"
+    if args.context is not None:
+        summary["memory"] = memory_estimate(loaded.path, args.context, args.kv_bits)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -54,7 +56,63 @@ def info(args: argparse.Namespace) -> int:
             value = _describe_quantization(value)
         elif key == "parameters":
             value = f"{value:,}"
+        elif key == "memory":
+            value = "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in value.items())
         print(f"{key.replace('_', ' '):<{width}}  {value}")
+    return 0
+
+
+def memory_estimate(path: Path, context: int, kv_bits: int | None) -> dict:
+    """`info --context N`: the fit estimate at N tokens and the longest context that fits."""
+    from .memory import estimate, largest_context, memory_budget
+    from .models import read_model, size_text
+
+    if context < 1:
+        raise QwenMLXError("--context must be at least 1 token")
+    shape = read_model(path).shape
+    budget = memory_budget()
+    fit = estimate(shape, context, kv_bits, budget=budget)
+    parts = {"context": f"{context:,}", "weights": fit.weights, "kv_cache": fit.kv_cache,
+             "activations": fit.activations, "total": fit.total, "budget": budget}  # fmt: skip
+    result = {k: size_text(v) if isinstance(v, int) else (v or "unknown") for k, v in parts.items()}
+    if budget is not None:
+        result["fits"] = "yes" if fit.fits else "no"
+        result["largest_context"] = f"{largest_context(shape, budget, kv_bits):,}"
+    if context > shape.context_length:
+        result["note"] = f"beyond the model's own context ({shape.context_length:,} tokens)"
+    return result
+
+
+def list_models(args: argparse.Namespace) -> int:
+    """`qwen-mlx list`: every model this machine can run, and whether it fits."""
+    from .models import format_table, list_models
+
+    print(format_table(list_models()))
+    return 0
+
+
+def pull(args: argparse.Namespace) -> int:
+    """`qwen-mlx pull NAME`: download (and with --quantize, convert) a model; its folder on the last line."""
+    from .models import pull
+
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    folder = pull(args.name, args.quantize, evaluate=not args.no_eval, log=log)
+    print(folder)
+    return 0
+
+
+def remove(args: argparse.Namespace) -> int:
+    """`qwen-mlx rm NAME`: delete a pulled model, after asking (or with --yes)."""
+    from .models import remove
+
+    def confirm(question: str) -> bool:
+        if args.yes:
+            return True
+        if not sys.stdin.isatty():
+            raise QwenMLXError(f"{question.rstrip('?')}: pass --yes to remove without a terminal to ask on")
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+    print(f"removed {remove(args.name, confirm)}")
     return 0
 
 
@@ -454,6 +512,8 @@ def add_distributed_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .loader import FAMILY
+
     parser = OneLineParser(prog="qwen-mlx", description="Run Qwen3 on Apple Silicon with MLX.")
     parser.add_argument("--version", action="version", version=f"qwen-mlx {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -466,7 +526,40 @@ def build_parser() -> argparse.ArgumentParser:
     info_parser.add_argument("model", help="a model folder, or a Hugging Face repo id (owner/name)")
     info_parser.add_argument("--revision", help="a branch, tag or commit of a Hub repo")
     info_parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    info_parser.add_argument(
+        "--context", type=int, metavar="N", help="estimate the memory at N tokens, and the longest context that fits"
+    )
+    info_parser.add_argument("--kv-bits", type=int, choices=(4, 8), help="with --context: a 4- or 8-bit KV cache")
     info_parser.set_defaults(handler=info)
+
+    pull_parser = commands.add_parser(
+        "pull",
+        help="download a model (short names: qwen3:8b, qwen3:30b-a3b, qwen3-coder:30b, ...)",
+        description="Download a model into the Hugging Face cache; with --quantize, convert a float repo into "
+        "the models folder. Examples: qwen-mlx pull qwen3:8b; qwen-mlx pull Qwen/Qwen3-8B --quantize 4. "
+        "Short names: " + ", ".join(FAMILY) + " (add :4bit, :8bit or :bf16; the default is 4-bit).",
+    )
+    pull_parser.add_argument("name", help="a short name, or a Hub repo id (REPO or REPO:4bit)")
+    pull_parser.add_argument("--quantize", type=int, choices=(4, 8), help="convert float weights to 4 or 8 bits")
+    pull_parser.add_argument("--no-eval", action="store_true", help="with --quantize: skip the quality report")
+    pull_parser.set_defaults(handler=pull)
+
+    list_parser = commands.add_parser(
+        "list",
+        help="the models this machine can run, and whether each fits",
+        description="List the demo, the models folder and the Hugging Face cache's Qwen3 repos, from their "
+        "config and safetensors headers (no weights are read).",
+    )
+    list_parser.set_defaults(handler=list_models)
+
+    rm_parser = commands.add_parser(
+        "rm",
+        help="remove a model from the models folder or the Hugging Face cache",
+        description="Remove a model that `qwen-mlx list` shows. Example: qwen-mlx rm Qwen3-8B-4bit",
+    )
+    rm_parser.add_argument("name", help="a name as `qwen-mlx list` shows it")
+    rm_parser.add_argument("--yes", action="store_true", help="remove without asking")
+    rm_parser.set_defaults(handler=remove)
 
     gen = commands.add_parser(
         "generate",

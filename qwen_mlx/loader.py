@@ -1,9 +1,11 @@
-"""Finding and loading a model by name: a local folder, `demo`, or a Hugging Face Hub repo id.
+"""Finding and loading a model by name: a local folder, `demo`, a pulled model, or a Hugging Face Hub repo id.
 
 Design decisions:
 - Hub downloads go through `huggingface_hub.snapshot_download` with only the files a Qwen3 runtime needs,
   its own progress bars and cache, and its offline mode (`HF_HUB_OFFLINE=1`).
 - `demo` (when no folder of that name is here) is the offline demo model, built into the cache on first use.
+- The order: a folder path, `demo`, a folder in the models folder (`qwen-mlx pull --quantize`), a short name
+  (`qwen3:8b`, `FAMILY` below), a Hub repo id.
 - Reading the folder is `qwen_mlx.checkpoint`'s; `load` gives the bare model (the public one-liner),
   `load_model` the whole `Loaded` result (config, folder, generation settings).
 """
@@ -21,6 +23,72 @@ from .model import Model
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "merges.txt", "vocab.json", "tokenizer.model"]
 HUB_METADATA = [pattern for pattern in HUB_FILES if pattern != "*.safetensors"]  # a pipeline stage's first fetch
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+FAMILY = {
+    "qwen3:0.6b": "Qwen/Qwen3-0.6B",
+    "qwen3:1.7b": "Qwen/Qwen3-1.7B",
+    "qwen3:4b": "Qwen/Qwen3-4B",
+    "qwen3:8b": "Qwen/Qwen3-8B",
+    "qwen3:14b": "Qwen/Qwen3-14B",
+    "qwen3:32b": "Qwen/Qwen3-32B",
+    "qwen3:30b-a3b": "Qwen/Qwen3-30B-A3B",
+    "qwen3:235b-a22b": "Qwen/Qwen3-235B-A22B",
+    "qwen3:4b-2507-instruct": "Qwen/Qwen3-4B-Instruct-2507",
+    "qwen3:4b-2507-thinking": "Qwen/Qwen3-4B-Thinking-2507",
+    "qwen3:30b-a3b-2507-instruct": "Qwen/Qwen3-30B-A3B-Instruct-2507",
+    "qwen3:30b-a3b-2507-thinking": "Qwen/Qwen3-30B-A3B-Thinking-2507",
+    "qwen3-coder:30b": "Qwen/Qwen3-Coder-30B-A3B-Instruct",
+}
+QUANTIZED_REPO = "mlx-community/{name}-{bits}bit"
+DEFAULT_QUANT = "4bit"
+QUANTS = ("4bit", "8bit", "bf16")
+MODELS_FOLDER = "models"
+NAME_QUANT = re.compile(r"^(?P<base>.+):(?P<bits>4|8)(?:bit)?$")
+
+
+def models_dir() -> Path:
+    """Where `pull --quantize` writes: `models` in qwen-mlx's cache folder ($QWEN_MLX_CACHE, ...)."""
+    from .demo import cache_root
+
+    return cache_root() / MODELS_FOLDER
+
+
+def split_quant(name: str) -> tuple[str, int | None]:
+    """`REPO:4bit` / `qwen3:8b:8` -> (REPO, 4); anything else -> (name, None)."""
+    match = NAME_QUANT.match(name)
+    return (match["base"], int(match["bits"])) if match else (name, None)
+
+
+def short_name(name: str) -> tuple[str, str] | None:
+    """A family short name as (the official repo, the quant asked: 4bit, 8bit or bf16); None otherwise."""
+    base, quant = name.lower(), DEFAULT_QUANT
+    for suffix in QUANTS:
+        if base.endswith(":" + suffix) or base.endswith(":" + suffix.removesuffix("bit")):
+            base, quant = base.rsplit(":", 1)[0], suffix
+            break
+    return (FAMILY[base], quant) if base in FAMILY else None
+
+
+def converted_name(repo_id: str, bits: int) -> str:
+    return f"{repo_id.rsplit('/', 1)[-1]}-{bits}bit"
+
+
+def find_named(name: str) -> Path | str | None:
+    """A models-folder name or a short name: its folder (a Path) or its Hub repo id (a str); else None."""
+    if "/" not in name and "\\" not in name and name not in (".", ".."):
+        folder = models_dir() / name
+        if (folder / "config.json").is_file():
+            return folder
+    family = short_name(name)
+    if family is None:
+        return None
+    repo, quant = family
+    if quant == "bf16":
+        return repo
+    converted = models_dir() / converted_name(repo, int(quant.removesuffix("bit")))
+    if (converted / "config.json").is_file():
+        return converted
+    return QUANTIZED_REPO.format(name=repo.rsplit("/", 1)[-1], bits=quant.removesuffix("bit"))
 
 
 def is_hub_repo(path_or_repo: str | Path) -> bool:
@@ -50,6 +118,10 @@ def resolve_model_path(path_or_repo: str | Path, revision: str | None = None, *,
     if path.exists():
         raise QwenMLXError(f"{path} is a file; pass the model folder that holds config.json")
     text = str(path_or_repo)
+    named = find_named(text)
+    if isinstance(named, Path):
+        return named
+    text = named or text
     if not REPO_ID.match(text) or text.startswith((".", "~")):
         raise QwenMLXError(f"no model folder at {path}, and {text!r} is not a Hugging Face repo id (owner/name)")
     return _download(text, revision, HUB_FILES if weights else HUB_METADATA)
