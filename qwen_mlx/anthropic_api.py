@@ -36,6 +36,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from .format import function_tool
 from .parser import Answer, Reasoning, ToolCall, ToolCallError
 from .protocol import BUSY, Body
 from .sampling import Sampling
@@ -204,10 +205,7 @@ def _tools(tools: list[ToolSpec] | None) -> list[dict] | None:
         if tool.type not in (None, "custom"):
             log.info("leaving out the server tool %s (%s): it cannot run here", tool.name, tool.type)
             continue
-        spec = {"name": tool.name, "parameters": tool.input_schema or {"type": "object", "properties": {}}}
-        if tool.description:
-            spec["description"] = tool.description
-        functions.append({"type": "function", "function": spec})
+        functions.append(function_tool(tool.name, tool.description, tool.input_schema))
     return functions or None
 
 

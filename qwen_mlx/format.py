@@ -65,6 +65,16 @@ def tool_call_format(chat_template: str) -> str:
     return XML_TOOL_CALLS if "<function=" in chat_template and "<parameter=" in chat_template else JSON_TOOL_CALLS
 
 
+def function_tool(name: str, description: str | None, parameters: dict | None) -> dict:
+    """A tool as the template reads it, in OpenAI's shape and key order (name, description, parameters):
+    the order every OpenAI client sends, so a tool from any protocol renders into the same prompt."""
+    spec: dict = {"name": name}
+    if description:
+        spec["description"] = description
+    spec["parameters"] = parameters or {"type": "object", "properties": {}}
+    return {"type": "function", "function": spec}
+
+
 def arguments_as_objects(messages: Sequence[dict]) -> list[dict]:
     """Messages whose tool calls carry their arguments as objects, as an XML template needs (it walks them
     with `|items`); OpenAI clients send them back as JSON text. Text that is not a JSON object stays."""

@@ -58,6 +58,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from .format import function_tool
 from .parser import Answer, Reasoning, ToolCall, ToolCallError
 from .protocol import BUSY, Body
 from .sampling import Sampling
@@ -264,10 +265,7 @@ class Tools:
             name = f"{namespace}__{tool.name}" if namespace and given[tool.name] > 1 else tool.name
             if name in self.origin:
                 raise APIError(400, f"{where}: the tool name {name!r} is given twice", param=f"{where}.name")
-            spec: dict[str, Any] = {"name": name, "parameters": tool.parameters or {"type": "object", "properties": {}}}
-            if tool.description:
-                spec["description"] = tool.description
-            self.functions.append({"type": "function", "function": spec})
+            self.functions.append(function_tool(name, tool.description, tool.parameters))
             self.origin[name] = (namespace, tool.name)
             self.prompt_name[(namespace, tool.name)] = name
 
