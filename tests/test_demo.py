@@ -62,7 +62,6 @@ def test_the_scripts_cover_every_behaviour() -> None:
         "tool_tag_in_thinking",
         "hi",
         "two_turns",
-        "edit_code",
     }
     assert len(demo.SCRIPTS) == len(SCRIPTS), "script names must be unique"
     for script in demo.SCRIPTS:

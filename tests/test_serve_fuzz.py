@@ -23,7 +23,7 @@ from qwen_mlx.scheduler import Scheduler
 from qwen_mlx.server import Settings, create_app
 from qwen_mlx.tokenizer import Tokenizer
 
-EXAMPLES = {"GET": 8, "DELETE": 8, "POST": 20}
+EXAMPLES = {"GET": 8, "DELETE": 8, "POST": 12}
 MAX_TOKENS = 4
 BASE_URL = "http://127.0.0.1"  # a loopback Host, as a local client sends
 OPERATIONS = [

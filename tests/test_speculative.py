@@ -18,7 +18,6 @@ from fixtures import VOCAB_SIZE
 
 import qwen_mlx
 from qwen_mlx.chat import ChatSession
-from qwen_mlx.demo import SCRIPTS
 from qwen_mlx.engine import Generation
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.sampling import Sampling
@@ -52,8 +51,6 @@ CAPITAL_SCHEMA = {
         },
     },
 }
-# The demo's edit_code script: the answer repeats the prompt's code with one word fixed.
-EDIT_PROMPT = next(s for s in SCRIPTS if s["name"] == "edit_code")["messages"][0]["content"]
 # (messages, options): the turn features speculation must leave untouched.
 CASES = {
     "thinking": ([{"role": "user", "content": "What is 2 + 3?"}], {}),
@@ -66,7 +63,6 @@ CASES = {
     ),
     "json": ([{"role": "user", "content": "Give the capital of France as JSON."}], {"response_format": CAPITAL_SCHEMA}),
     "stop": ([{"role": "user", "content": "What is 2 + 3?"}], {"stop": ["Adding"]}),
-    "edit": ([{"role": "user", "content": EDIT_PROMPT}], {"enable_thinking": False}),
 }
 
 
@@ -124,15 +120,6 @@ def test_a_model_drafting_for_itself_has_every_draft_kept(demo):
     assert stats.accepted_tokens == stats.draft_tokens > 0 and stats.acceptance == 1.0
     decode_passes = stats.target_passes - 1  # the first token comes from the prompt's pass
     assert decode_passes == -(-(stats.completion_tokens - 1) // 4)
-
-
-@pytest.mark.parametrize("k", [4, 8])
-def test_prompt_lookup_on_an_edit_needs_at_most_half_a_pass_per_token(demo, plain, k):
-    model, tokenizer = demo
-    session = ChatSession(model, tokenizer, draft=LOOKUP, num_draft_tokens=k)
-    got, stats = run(session, *CASES["edit"])
-    assert got == plain(None)["edit"] and "return 2 * (width + height)" in got[1]
-    assert stats.passes_per_token <= 0.5, stats
 
 
 def test_multi_turn_chat_with_speculation_reuses_both_caches(demo):
@@ -265,7 +252,6 @@ def test_the_server_speculates_per_request_beside_the_batch(demo_model_path):
 
     cases = {
         "thinking": [{"role": "user", "content": "What is 2 + 3?"}],
-        "edit": [{"role": "user", "content": EDIT_PROMPT}],
         "hi": [{"role": "user", "content": "Hi!"}],
     }
     options = ("--model-name", "demo", "--draft-model", str(demo_model_path), "--num-draft-tokens", "3")
@@ -274,8 +260,6 @@ def test_the_server_speculates_per_request_beside_the_batch(demo_model_path):
 
         def ask(name: str, draft: str | None, stream: bool = False):
             extra = {"speculative": {"draft": draft}} if draft else {}
-            if name == "edit":
-                extra["chat_template_kwargs"] = {"enable_thinking": False}
             options = {"model": "demo", "messages": cases[name], "temperature": 0, "extra_body": extra}
             if stream:
                 chunks = list(client.chat.completions.create(**options, stream=True))
