@@ -274,6 +274,29 @@ def build_checkpoint(name: str, out: Path) -> Path:
     return out
 
 
+# Every (method, path) the server documents in /openapi.json: what the schema tests fuzz, and check is listed.
+SERVED_ROUTES = [
+    ("GET", "/health"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model}"),
+    ("GET", "/api/v0/models"),
+    ("GET", "/api/v0/models/{model}"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/messages"),
+    ("POST", "/v1/messages/count_tokens"),
+    ("POST", "/api/chat"),
+    ("POST", "/api/generate"),
+    ("GET", "/api/tags"),
+    ("POST", "/api/show"),
+    ("GET", "/api/ps"),
+    ("GET", "/api/version"),
+    ("POST", "/v1/responses"),
+    ("GET", "/v1/responses/{response_id}"),
+    ("DELETE", "/v1/responses/{response_id}"),
+]
+
+
 if __name__ == "__main__":
     import argparse
 

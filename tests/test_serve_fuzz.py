@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import schemathesis
+from fixtures import SERVED_ROUTES as OPERATIONS
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 
@@ -26,26 +27,6 @@ from qwen_mlx.tokenizer import Tokenizer
 EXAMPLES = {"GET": 8, "DELETE": 8, "POST": 12}
 MAX_TOKENS = 4
 BASE_URL = "http://127.0.0.1"  # a loopback Host, as a local client sends
-OPERATIONS = [
-    ("GET", "/health"),
-    ("GET", "/v1/models"),
-    ("GET", "/v1/models/{model}"),
-    ("GET", "/api/v0/models"),
-    ("GET", "/api/v0/models/{model}"),
-    ("POST", "/v1/chat/completions"),
-    ("POST", "/v1/completions"),
-    ("POST", "/v1/messages"),
-    ("POST", "/v1/messages/count_tokens"),
-    ("POST", "/api/chat"),
-    ("POST", "/api/generate"),
-    ("GET", "/api/tags"),
-    ("POST", "/api/show"),
-    ("GET", "/api/ps"),
-    ("GET", "/api/version"),
-    ("POST", "/v1/responses"),
-    ("GET", "/v1/responses/{response_id}"),
-    ("DELETE", "/v1/responses/{response_id}"),
-]
 CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
     (m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if m == "POST"
 ]

@@ -10,32 +10,13 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
+from fixtures import SERVED_ROUTES as OPERATIONS
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 MAX_EXAMPLES = {"GET": 10, "DELETE": 10, "POST": 25}
 MAX_TOKENS = 4
-OPERATIONS = [
-    ("GET", "/health"),
-    ("GET", "/v1/models"),
-    ("GET", "/v1/models/{model}"),
-    ("GET", "/api/v0/models"),
-    ("GET", "/api/v0/models/{model}"),
-    ("POST", "/v1/chat/completions"),
-    ("POST", "/v1/completions"),
-    ("POST", "/v1/messages"),
-    ("POST", "/v1/messages/count_tokens"),
-    ("POST", "/api/chat"),
-    ("POST", "/api/generate"),
-    ("GET", "/api/tags"),
-    ("POST", "/api/show"),
-    ("GET", "/api/ps"),
-    ("GET", "/api/version"),
-    ("POST", "/v1/responses"),
-    ("GET", "/v1/responses/{response_id}"),
-    ("DELETE", "/v1/responses/{response_id}"),
-]
 
 
 @pytest.fixture(scope="module")
