@@ -10,7 +10,10 @@ Design decisions:
 - A subclass of uvicorn's `H11Protocol`, passed as `http=`, rather than a proxy or a server of our own: it
   changes three moments (a connection opens, bytes arrive, it closes) and leaves parsing, flow control
   and keep-alive to uvicorn. h11 rather than httptools (which `auto` picks where installed): one parser
-  to harden, and the server's speed is the model's, not the parser's.
+  to harden, and the server's speed is the model's, not the parser's. The event loop is uvloop where
+  installed (a dependency off Windows; uvicorn's `auto` picks it): in Python's own loop each accepted
+  connection costs a task and several loop turns, so a burst of 3,000 opened at once kept `/health` waiting
+  three times as long (0.2 s against 0.06 s on two cores, the protocol below unchanged).
 - One read timeout for a whole request, head and body, counted from the connection's first byte (or its
   opening): a client that trickles a byte a second cannot outlast it, unlike a timeout between reads. It
   is disarmed once the request is read, so a slow reader of a streamed answer is never cut off; the body
