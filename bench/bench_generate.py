@@ -17,7 +17,7 @@ shape, plain decoding, a draft model (`--draft-shape`, the 0.6B shape by default
 mlx-lm's (`stream_generate(..., draft_model=...)`, its `speculative_generate_step`; it has no prompt
 lookup) with the same target and draft, on a repetitive prompt (edit a file: the answer repeats it) and a
 natural one (a question). Random weights never repeat their input, so the work counts of a model that
-does come from the demo model's scripts (edit_code and a thinking answer), drafting for itself.
+does come from the demo model (a thinking answer) and the repeater (an edit), each drafting for itself.
 """
 
 from __future__ import annotations

@@ -218,3 +218,36 @@ def ensure_checkpoint(
         if all(saved.get(k) == v for k, v in wanted.items()) and saved.get("quantization", {}).get("bits") == bits:
             return out, False
     return build_checkpoint(shape, bits, out, layers, dtype), True
+
+
+# The repeater: the demo model's shape and trainer taught one edit whose answer is its input with one word
+# fixed, the case prompt lookup drafts from. A model of its own: trained into the demo, the script changed
+# how the demo answers prompts it was never taught, which other tests read.
+EDIT_SCRIPT = {
+    "name": "edit_code",
+    "shows": "an edit that repeats its input (what prompt lookup drafts from)",
+    "enable_thinking": False,
+    "messages": [
+        {
+            "role": "user",
+            "content": 'Fix the typo:\n\n```python\ndef area(width, height):\n    """The area of a rectangle."""\n'
+            '    return width * height\n\n\ndef perimeter(width, height):\n    """The perimeter of a rectangle."""\n'
+            "    retrun 2 * (width + height)\n```",
+        },
+        {
+            "role": "assistant",
+            "content": '```python\ndef area(width, height):\n    """The area of a rectangle."""\n'
+            '    return width * height\n\n\ndef perimeter(width, height):\n    """The perimeter of a rectangle."""\n'
+            "    return 2 * (width + height)\n```",
+        },
+    ],
+}
+
+
+def ensure_repeater(root: Path | None = None, log=print) -> Path:
+    """The repeater's folder (`repeater-<hash>` under `root`, default the demo's cache), trained on first use."""
+    from qwen_mlx import demo
+
+    scripts = [EDIT_SCRIPT]
+    root = Path(root) if root is not None else demo.cache_root()
+    return demo.build(root / f"repeater-{demo.fingerprint(scripts)}", log=log, scripts=scripts)

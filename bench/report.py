@@ -288,7 +288,7 @@ def speculative_markdown(results: dict[str, Any]) -> str:
         parts += [
             "",
             f"Target {target['label']}, draft {target['draft']}: random weights, so what they accept says nothing "
-            f"about real text (the demo model's counts below do); these rows are for speed. qwen_mlx ÷ mlx-lm, "
+            f"about real text (the trained models' counts below do); these rows are for speed. qwen_mlx ÷ mlx-lm, "
             f"decode / end to end: plain **{head['plain decode']:.2f}×** / {head['plain end to end']:.2f}×, "
             f"with the same draft model **{head['draft decode']:.2f}×** / {head['draft end to end']:.2f}×.",
             "",
@@ -298,7 +298,8 @@ def speculative_markdown(results: dict[str, Any]) -> str:
     if work:
         parts += [
             "",
-            f"Work counts on the demo model ({work['label']}; it drafts for itself, so every draft a plain "
+            f"Work counts on models trained to answer their prompts ({work['label']}: the demo answers a "
+            f"question, the repeater repeats an edited file; each drafts for itself, so every draft a plain "
             f"decode would make is kept), up to {work['max_tokens']} tokens, greedy, end token on:",
             "",
             work_table(work["prompts"]),

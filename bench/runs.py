@@ -53,8 +53,7 @@ OURS_LOOKUP = f"{OURS} + lookup"
 GREEDY = Sampling(temperature=0)
 # Kept from each run to check both sides generate the same tokens from the same weights.
 KEPT_TOKENS = 16
-# The demo model's work counts: (prompt, script); it answers these scripts as trained, then its end token.
-DEMO_PROMPTS = (("natural (thinking_long)", "thinking_long"),)  # the demo has no script that repeats its input
+# The work counts' cap: the demo and the repeater answer their scripts as trained, then their end token.
 DEMO_MAX_TOKENS = 256
 
 
@@ -290,43 +289,53 @@ def mlx_lm_speculative_tokens(
 
 
 def demo_work_counts(num_draft_tokens: int, log) -> dict[str, Any]:
-    """The demo model drafting for itself and by prompt lookup, on its own scripts: passes and drafts kept
-    on a model that does repeat its input (no timing: these counts are the same on any machine)."""
-    path = ensure_demo(log)
-    ours, tokenizer = qwen_mlx.load(path), Tokenizer.load(path)
-    mlx_model, _ = mlx_lm.load(str(path))
-    end_ids = set(tokenizer.end_token_ids)
-    k = num_draft_tokens
+    """Models that do repeat their input, drafting for themselves and by prompt lookup on their own scripts:
+    passes and drafts kept (no timing: these counts are the same on any machine). The demo answers a
+    question (natural); the repeater, the demo's shape taught one edit, answers with its input (repetitive)."""
+    from checkpoints import EDIT_SCRIPT, ensure_repeater  # the bench's own module, beside this one
+
     scripts = {s["name"]: s for s in SCRIPTS}
-    prompts = []
-    for name, script in DEMO_PROMPTS:
-        prompt, _ = script_ids(tokenizer, scripts[script])
-        sides = {}
-        for side, drafter in ((OURS, None), (OURS_DRAFT, DraftModel(ours)), (OURS_LOOKUP, PromptLookup())):
-            generation = Generation(
-                ours, prompt, max_tokens=DEMO_MAX_TOKENS, end_ids=end_ids, drafter=drafter, num_draft_tokens=k
+    models = (
+        (ensure_demo(log), [("natural (thinking_long)", scripts["thinking_long"])]),
+        (ensure_repeater(log=log), [("repetitive (edit_code)", EDIT_SCRIPT)]),
+    )
+    k, prompts = num_draft_tokens, []
+    for path, cases in models:
+        ours, tokenizer = qwen_mlx.load(path), Tokenizer.load(path)
+        mlx_model, _ = mlx_lm.load(str(path))
+        end_ids = set(tokenizer.end_token_ids)
+        for name, script in cases:
+            prompt, _ = script_ids(tokenizer, script)
+            sides = {}
+            for side, drafter in ((OURS, None), (OURS_DRAFT, DraftModel(ours)), (OURS_LOOKUP, PromptLookup())):
+                generation = Generation(
+                    ours, prompt, max_tokens=DEMO_MAX_TOKENS, end_ids=end_ids, drafter=drafter, num_draft_tokens=k
+                )
+                tokens = list(generation)
+                stats = generation.stats
+                sides[side] = {"tokens": tokens, "target_passes": stats.target_passes}
+                sides[side].update(draft_tokens=stats.draft_tokens, accepted_tokens=stats.accepted_tokens)
+            tokens, from_draft = mlx_lm_speculative_tokens(mlx_model, mlx_model, prompt, DEMO_MAX_TOKENS, k, end_ids)
+            passes, proposed, accepted = mlx_lm_work(from_draft, k, DEMO_MAX_TOKENS)
+            sides[MLX_LM_DRAFT] = {"tokens": tokens, "target_passes": passes}
+            sides[MLX_LM_DRAFT].update(draft_tokens=proposed, accepted_tokens=accepted)
+            for side, s in sides.items():
+                s.update(
+                    completion_tokens=len(s["tokens"]),
+                    acceptance=s["accepted_tokens"] / s["draft_tokens"] if s["draft_tokens"] else None,
+                    passes_per_token=s["target_passes"] / len(s["tokens"]),
+                    same_tokens=s["tokens"] == sides[OURS]["tokens"] if side != OURS else None,
+                )
+            log(
+                f"  {path.name} {name}: "
+                + ", ".join(f"{side} {s['passes_per_token']:.2f} p/t" for side, s in sides.items())
             )
-            tokens = list(generation)
-            stats = generation.stats
-            sides[side] = {"tokens": tokens, "target_passes": stats.target_passes}
-            sides[side].update(draft_tokens=stats.draft_tokens, accepted_tokens=stats.accepted_tokens)
-        tokens, from_draft = mlx_lm_speculative_tokens(mlx_model, mlx_model, prompt, DEMO_MAX_TOKENS, k, end_ids)
-        passes, proposed, accepted = mlx_lm_work(from_draft, k, DEMO_MAX_TOKENS)
-        sides[MLX_LM_DRAFT] = {"tokens": tokens, "target_passes": passes}
-        sides[MLX_LM_DRAFT].update(draft_tokens=proposed, accepted_tokens=accepted)
-        for side, s in sides.items():
-            s.update(
-                completion_tokens=len(s["tokens"]),
-                acceptance=s["accepted_tokens"] / s["draft_tokens"] if s["draft_tokens"] else None,
-                passes_per_token=s["target_passes"] / len(s["tokens"]),
-                same_tokens=s["tokens"] == sides[OURS]["tokens"] if side != OURS else None,
-            )
-        log(f"  demo {name}: " + ", ".join(f"{side} {s['passes_per_token']:.2f} p/t" for side, s in sides.items()))
-        prompts.append({"name": name, "prompt_tokens": len(prompt), "sides": sides})
-    del ours, mlx_model
-    gc.collect()
-    mx.clear_cache()
-    return {"label": path.name, "checkpoint": str(path), "max_tokens": DEMO_MAX_TOKENS, "prompts": prompts}
+            prompts.append({"name": name, "checkpoint": str(path), "prompt_tokens": len(prompt), "sides": sides})
+        del ours, mlx_model
+        gc.collect()
+        mx.clear_cache()
+    label = " and ".join(path.name for path, _ in models)
+    return {"label": label, "max_tokens": DEMO_MAX_TOKENS, "prompts": prompts}
 
 
 class OursChat:

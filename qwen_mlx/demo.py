@@ -310,12 +310,13 @@ def verify(folder: Path, sequences: list[TrainingSequence], log: Log) -> None:
     log(f"verified: greedy decoding replays all {len(sequences)} sequences over the full vocabulary")
 
 
-def fingerprint() -> str:
-    """A short hash of everything the build depends on: scripts, shape, training settings, tokenizer, format."""
+def fingerprint(scripts: list[dict] | None = None) -> str:
+    """A short hash of everything the build depends on: scripts (the demo's file unless others are given),
+    shape, training settings, tokenizer, format."""
     digest = hashlib.sha256()
     digest.update(f"format {FORMAT_VERSION}\n".encode())
     digest.update(json.dumps([CONFIG, GENERATION_CONFIG, TRAINING, THINKING_BUDGET_TEXT], sort_keys=True).encode())
-    digest.update(SCRIPTS_FILE.read_bytes())
+    digest.update(SCRIPTS_FILE.read_bytes() if scripts is None else json.dumps(scripts, sort_keys=True).encode())
     source = tokenizer_files()
     for name in TOKENIZER_FILES:
         digest.update((source / name).read_bytes())
@@ -369,7 +370,9 @@ Weights: {dtype}; rows of tokens the scripts never use are zero. Build {fingerpr
 """
 
 
-def write_demo(folder: Path, model: Model, used_ids: list[int], dtype: mx.Dtype, info: dict) -> None:
+def write_demo(
+    folder: Path, model: Model, used_ids: list[int], dtype: mx.Dtype, info: dict, scripts: list[dict]
+) -> None:
     config = dict(CONFIG, torch_dtype="bfloat16" if dtype == mx.bfloat16 else "float32")
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n", encoding="utf-8")
@@ -383,8 +386,8 @@ def write_demo(folder: Path, model: Model, used_ids: list[int], dtype: mx.Dtype,
         layers=CONFIG["num_hidden_layers"],
         hidden=CONFIG["hidden_size"],
         vocab=VOCAB_SIZE,
-        count=len(SCRIPTS),
-        names=", ".join(s["name"] for s in SCRIPTS),
+        count=len(scripts),
+        names=", ".join(s["name"] for s in scripts),
         dtype=config["torch_dtype"],
         fingerprint=info["fingerprint"],
     )
@@ -392,10 +395,14 @@ def write_demo(folder: Path, model: Model, used_ids: list[int], dtype: mx.Dtype,
     (folder / MARKER_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
-def build(out: str | Path | None = None, force: bool = False, log: Log = print) -> Path:
-    """Train, save and verify the demo model in `out` (default `demo_dir()`); reuse a matching build unless `force`."""
+def build(
+    out: str | Path | None = None, force: bool = False, log: Log = print, scripts: list[dict] | None = None
+) -> Path:
+    """Train, save and verify the demo model in `out` (default `demo_dir()`); reuse a matching build unless `force`.
+    `scripts` trains the same model on other scripts instead (the benchmark's input-repeating checkpoint)."""
     started = time.perf_counter()
-    expected = fingerprint()
+    expected = fingerprint(scripts)
+    scripts = SCRIPTS if scripts is None else scripts
     out = Path(out).expanduser() if out is not None else cache_root() / f"demo-{expected}"
     if not force and is_built(out, expected):
         log(f"the demo model is already built in {out}")
@@ -404,12 +411,12 @@ def build(out: str | Path | None = None, force: bool = False, log: Log = print) 
     check_out_folder(out, force or read_marker(out) is not None, hint="pass --force to replace it")
 
     tokenizer = Tokenizer.load(tokenizer_files())
-    sequences = training_sequences(tokenizer, SCRIPTS)
+    sequences = training_sequences(tokenizer, scripts)
     rows = training_rows(sequences)
     used_ids = sorted({t for ids, _ in rows for t in ids} | set(tokenizer.end_token_ids))
     batches = make_batches(rows, {t: i for i, t in enumerate(used_ids)})
     log(
-        f"training the demo model: {len(SCRIPTS)} scripts, {len(sequences)} sequences in {len(rows)} rows, "
+        f"training the demo model: {len(scripts)} scripts, {len(sequences)} sequences in {len(rows)} rows, "
         f"{sum(len(ids) for ids, _ in rows)} tokens, {len(used_ids)} distinct token ids"
     )
     args = ModelArgs.from_dict(dict(CONFIG, vocab_size=len(used_ids)), source="qwen_mlx.demo.CONFIG")
@@ -427,7 +434,7 @@ def build(out: str | Path | None = None, force: bool = False, log: Log = print) 
     info = {
         "fingerprint": expected,
         "format_version": FORMAT_VERSION,
-        "scripts": [s["name"] for s in SCRIPTS],
+        "scripts": [s["name"] for s in scripts],
         "sequences": len(sequences),
         "steps": steps,
         "lowest_target_probability": round(lowest, 6),
@@ -436,7 +443,7 @@ def build(out: str | Path | None = None, force: bool = False, log: Log = print) 
     }
 
     def write(folder: Path) -> None:
-        write_demo(folder, model, used_ids, dtype, info)
+        write_demo(folder, model, used_ids, dtype, info, scripts)
         verify(folder, sequences, log)
 
     write_folder(out, write, overwrite=True)

@@ -109,3 +109,32 @@ def test_speculative_mode_runs_on_the_tiniest_shape(bench_checkpoints, tmp_path)
         assert summary[runs.OURS_LOOKUP]["same_tokens"] is True
     table = (out / "bench-speculative-cpu-quick.md").read_text()
     assert "| repetitive (edit a file) (" in table and "passes/token" in table and "CPU backend" in table
+
+
+def test_prompt_lookup_on_an_answer_that_repeats_its_input_needs_under_half_a_pass_per_token(tmp_path_factory):
+    """The issue's bar on the repeater (the demo's shape taught one edit that answers with its input, a
+    word fixed): greedy prompt lookup gives plain decoding's tokens in at most 0.5 target passes per token,
+    and a prompt with nothing to match drafts nothing and costs plain decoding's one pass a token."""
+    from qwen_mlx import load
+    from qwen_mlx.demo import script_ids
+    from qwen_mlx.engine import Generation
+    from qwen_mlx.speculative import PromptLookup
+    from qwen_mlx.tokenizer import Tokenizer
+
+    folder = checkpoints.ensure_repeater(tmp_path_factory.mktemp("repeater"), log=lambda line: None)
+    model, tokenizer = load(folder), Tokenizer.load(folder)
+    end_ids = set(tokenizer.end_token_ids)
+    prompt, completion = script_ids(tokenizer, checkpoints.EDIT_SCRIPT)
+
+    def run(prompt_ids, drafter=None, max_tokens=100):
+        generation = Generation(model, prompt_ids, max_tokens=max_tokens, end_ids=end_ids, drafter=drafter)
+        return list(generation), generation.stats
+
+    plain, plain_stats = run(prompt)
+    assert plain == completion[: len(plain)] and len(plain) > 40 and plain_stats.target_passes == len(plain)
+    looked_up, stats = run(prompt, PromptLookup())
+    assert looked_up == plain
+    assert stats.target_passes / len(looked_up) <= 0.5, (stats.target_passes, len(looked_up))
+    # Distinct ids, each once: no n-gram of the prompt recurs, and 3 tokens generated give none to look up.
+    _, stats = run(list(range(1000, 1064)), PromptLookup(), max_tokens=3)
+    assert stats.draft_tokens == 0 and stats.target_passes == stats.completion_tokens == 3
