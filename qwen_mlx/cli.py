@@ -322,10 +322,13 @@ def add_speculation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def demo_build(args: argparse.Namespace) -> int:
-    """Train and verify the offline demo model; progress on stderr, the folder as the last line on stdout."""
-    from .demo import build
+    """Train and verify the offline demo model (or demo-coder); progress on stderr, the folder last on stdout."""
+    from .demo import build, build_coder
 
-    folder = build(args.output, force=args.force, log=lambda line: print(line, file=sys.stderr, flush=True))
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    folder = (build_coder if args.coder else build)(args.output, force=args.force, log=log)
     print(folder)
     return 0
 
@@ -706,6 +709,11 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", help="the folder to write (default: the cache folder that --model demo uses)"
     )
     demo_build_parser.add_argument("--force", action="store_true", help="rebuild, replacing what is there")
+    demo_build_parser.add_argument(
+        "--coder",
+        action="store_true",
+        help="build demo-coder instead: Qwen3-Coder's XML tool calls (the folder --model demo-coder uses)",
+    )
     demo_build_parser.set_defaults(handler=demo_build)
 
     # Parsed by the converter's own parser (see main); listed here so `qwen-mlx --help` shows it.

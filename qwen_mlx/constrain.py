@@ -24,6 +24,11 @@ Design decisions:
   helper is a Metal kernel, which the CPU backend lacks); ~0.6 ms a step on a 2-core CPU.
 - A token the mask refused (another processor or sampler ignored it) puts the matcher in an error state; the
   processor then allows only end tokens, ending the reply instead of failing a batch.
+- A forced call under a Qwen3-Coder template follows that template's XML (`xml_tool_call_grammar`), the form
+  the model was trained to write: one of the named tools' `<function=NAME>`, its parameters in the schema's
+  order (required ones present, no others), each value typed by its schema as the parser reads it back
+  (integers, numbers, booleans as written; objects and arrays as JSON; text up to the first
+  `</parameter>`, as lazily as the parser cuts it).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import QwenMLXError
+from .parser import schema_types
 from .tokenizer import Tokenizer
 
 # Deepest indentation after a line break inside JSON: 10 levels of 4 spaces (or 40 tabs).
@@ -105,6 +111,72 @@ def tool_call_grammar(schema: dict) -> str:
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:
         raise QwenMLXError(f"the tools' parameters are not a usable JSON schema: {error}", param="tools")
+    return grammar
+
+
+# XML parameter values the schema types, as `parser.typed_value` reads them back (integers and numbers as JSON
+# writes them; booleans also as Python's str() writes them, which is what Coder's template renders).
+_XML_VALUES = {
+    "integer": r"/-?(0|[1-9][0-9]*)/",
+    "number": r"/-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?/",
+    "boolean": r"/true|false|True|False/",
+    "null": '"null"',
+}
+# A text value: everything up to the first `</parameter>` (lazy: the parser cuts there too).
+_XML_TEXT = r"/(?s:.*)<\/parameter>/"
+_XML_CLOSE = r'"\n</parameter>\n"'  # after a typed value: the template's own line breaks
+
+
+def _literal(text: str) -> str:
+    """`text` as a Lark string literal."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _xml_value(rule: str, schema: dict | None, definitions: dict) -> list[str]:
+    """Lark rules for one parameter's value and what closes it, the rule named `rule`."""
+    kinds = schema_types(schema)
+    enum = schema.get("enum") if isinstance(schema, dict) else None
+    if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
+        return [f"{rule}: ({' | '.join(_literal(v) for v in enum)}) {_XML_CLOSE}"]
+    if not kinds or "string" in kinds or not kinds <= {*_XML_VALUES, "object", "array"}:
+        return [f"{rule}_text[lazy]: {_XML_TEXT}", f'{rule}: {rule}_text "\\n"']
+    options = [_XML_VALUES[kind] for kind in sorted(kinds & _XML_VALUES.keys())]
+    rules = []
+    if kinds & {"object", "array"}:
+        options.append(f"{rule}_json")
+        rules.append(f"{rule}_json: %json {json.dumps({**schema, **definitions, 'x-guidance': _JSON_OPTIONS})}")
+    return [f"{rule}: ({' | '.join(options)}) {_XML_CLOSE}", *rules]
+
+
+def xml_tool_call_grammar(tools: list[dict], name: str | None = None) -> str:
+    """The grammar of a Qwen3-Coder `<tool_call>` body for these OpenAI tools (only `name`'s when given):
+    `<function=NAME>`, its `<parameter=KEY>` blocks, `</function>`, and the newline before `</tool_call>`."""
+    rules, calls = [], []
+    for tool in tools:
+        function = tool.get("function", tool)
+        if name is not None and function.get("name") != name:
+            continue
+        parameters = function.get("parameters") or {}
+        required = set(parameters.get("required") or ())
+        definitions = {k: parameters[k] for k in ("$defs", "definitions") if k in parameters}
+        call = f"call_{len(calls)}"
+        calls.append(call)
+        arguments = []
+        for i, (key, schema) in enumerate((parameters.get("properties") or {}).items()):
+            opening = _literal(f"<parameter={key}>\n")
+            rules += [
+                *_xml_value(f"{call}_value_{i}", schema, definitions),
+                f"{call}_arg_{i}: {opening} {call}_value_{i}",
+            ]
+            arguments.append(f"{call}_arg_{i}" if key in required else f"{call}_arg_{i}?")
+        opening, closing = _literal(f"<function={function['name']}>\n"), _literal("</function>\n")
+        rules.append(f"{call}: {opening} {' '.join(arguments)} {closing}")
+    if not calls:
+        raise QwenMLXError(f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+    grammar = "\n".join([f"start: {' | '.join(calls)}", *rules]) + "\n"
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise QwenMLXError(f"the tools' parameters are not a usable schema for an XML call: {error}", param="tools")
     return grammar
 
 

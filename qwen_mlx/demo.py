@@ -27,6 +27,11 @@ Design decisions:
   sequence is greedy-decoded over the full vocabulary; a mismatch raises and nothing is written. It is
   written atomically under a name hashed from the scripts, the training settings, the tokenizer and a format
   version, so changing any of them builds a new one.
+- `demo-coder` is the same shape and trainer on scripts of its own (`demo_coder_scripts.json`) under a chat
+  template of its own (`demo_coder_template.jinja`, Qwen3-Coder-30B-A3B-Instruct's format: tools as XML, calls
+  as `<function=...><parameter=...>`, no thinking), written into the folder's `tokenizer_config.json`, so
+  every reader of the folder renders with it and the call format is detected from it as for a real Coder
+  checkpoint. The template is hashed into its folder's name; the demo's own build does not change.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from jinja2 import TemplateError
 from mlx.utils import tree_flatten
 
 from .cache import make_cache
@@ -62,6 +68,10 @@ SCRIPTS_FILE = Path(__file__).with_name("demo_scripts.json")
 SCRIPTS: list[dict] = json.loads(SCRIPTS_FILE.read_text(encoding="utf-8"))["scripts"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 MARKER_FILE = "demo.json"  # what was built and from what; a folder without a matching one is rebuilt
+CODER_SCRIPTS_FILE = Path(__file__).with_name("demo_coder_scripts.json")
+CODER_SCRIPTS: list[dict] = json.loads(CODER_SCRIPTS_FILE.read_text(encoding="utf-8"))["scripts"]
+CODER_TEMPLATE_FILE = Path(__file__).with_name("demo_coder_template.jinja")
+CODER_TEMPLATE = CODER_TEMPLATE_FILE.read_text(encoding="utf-8")
 
 VOCAB_SIZE = 151936
 # Qwen3's config.json at a tiny size; the rest (norm eps, RoPE, context) as the real models ship it.
@@ -310,13 +320,15 @@ def verify(folder: Path, sequences: list[TrainingSequence], log: Log) -> None:
     log(f"verified: greedy decoding replays all {len(sequences)} sequences over the full vocabulary")
 
 
-def fingerprint(scripts: list[dict] | None = None) -> str:
+def fingerprint(scripts: list[dict] | None = None, template: str | None = None) -> str:
     """A short hash of everything the build depends on: scripts (the demo's file unless others are given),
-    shape, training settings, tokenizer, format."""
+    shape, training settings, tokenizer, format, and the chat template when the build brings its own."""
     digest = hashlib.sha256()
     digest.update(f"format {FORMAT_VERSION}\n".encode())
     digest.update(json.dumps([CONFIG, GENERATION_CONFIG, TRAINING, THINKING_BUDGET_TEXT], sort_keys=True).encode())
     digest.update(SCRIPTS_FILE.read_bytes() if scripts is None else json.dumps(scripts, sort_keys=True).encode())
+    if template is not None:  # (absent from the demo's own hash, which stays what it was)
+        digest.update(b"chat template\n" + template.encode())
     source = tokenizer_files()
     for name in TOKENIZER_FILES:
         digest.update((source / name).read_bytes())
@@ -334,6 +346,11 @@ def cache_root() -> Path:
 def demo_dir() -> Path:
     """Where `--model demo` lives: `demo-<hash>` in $QWEN_MLX_CACHE, $XDG_CACHE_HOME/qwen-mlx or ~/.cache/qwen-mlx."""
     return cache_root() / f"demo-{fingerprint()}"
+
+
+def demo_coder_dir() -> Path:
+    """Where `--model demo-coder` lives: `demo-coder-<hash>` beside the demo."""
+    return cache_root() / f"demo-coder-{fingerprint(CODER_SCRIPTS, CODER_TEMPLATE)}"
 
 
 def read_marker(folder: Path) -> dict | None:
@@ -368,10 +385,27 @@ Scripts: {names}.
 
 Weights: {dtype}; rows of tokens the scripts never use are zero. Build {fingerprint}.
 """
+OWN_TEMPLATE_NOTE = """
+Chat template: its own (`chat_template` in tokenizer_config.json), not Qwen3's; the scripts were rendered with it.
+"""
+
+
+def with_template(tokenizer: Tokenizer, template: str) -> Tokenizer:
+    """The same tokenizer rendering prompts with another chat template."""
+    try:
+        return Tokenizer(tokenizer._tokenizer, template, tokenizer.end_token_ids, tokenizer._special)
+    except TemplateError as e:
+        raise QwenMLXError(f"the demo's chat template is not valid Jinja ({e})") from None
 
 
 def write_demo(
-    folder: Path, model: Model, used_ids: list[int], dtype: mx.Dtype, info: dict, scripts: list[dict]
+    folder: Path,
+    model: Model,
+    used_ids: list[int],
+    dtype: mx.Dtype,
+    info: dict,
+    scripts: list[dict],
+    template: str | None = None,
 ) -> None:
     config = dict(CONFIG, torch_dtype="bfloat16" if dtype == mx.bfloat16 else "float32")
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -382,6 +416,11 @@ def write_demo(
     source = tokenizer_files()
     for name in TOKENIZER_FILES:
         shutil.copyfile(source / name, folder / name)
+    if template is not None:
+        config_file = folder / "tokenizer_config.json"
+        tokenizer_config = json.loads(config_file.read_text(encoding="utf-8"))
+        tokenizer_config["chat_template"] = template
+        config_file.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     card = MODEL_CARD.format(
         layers=CONFIG["num_hidden_layers"],
         hidden=CONFIG["hidden_size"],
@@ -391,17 +430,24 @@ def write_demo(
         dtype=config["torch_dtype"],
         fingerprint=info["fingerprint"],
     )
+    if template is not None:
+        card += OWN_TEMPLATE_NOTE
     (folder / "README.md").write_text(card, encoding="utf-8")
     (folder / MARKER_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
 def build(
-    out: str | Path | None = None, force: bool = False, log: Log = print, scripts: list[dict] | None = None
+    out: str | Path | None = None,
+    force: bool = False,
+    log: Log = print,
+    scripts: list[dict] | None = None,
+    template: str | None = None,
 ) -> Path:
     """Train, save and verify the demo model in `out` (default `demo_dir()`); reuse a matching build unless `force`.
-    `scripts` trains the same model on other scripts instead (the benchmark's input-repeating checkpoint)."""
+    `scripts` trains the same model on other scripts instead (the benchmark's input-repeating checkpoint);
+    `template` renders them with that chat template instead of Qwen3's, and the folder ships it (demo-coder)."""
     started = time.perf_counter()
-    expected = fingerprint(scripts)
+    expected = fingerprint(scripts, template)
     scripts = SCRIPTS if scripts is None else scripts
     out = Path(out).expanduser() if out is not None else cache_root() / f"demo-{expected}"
     if not force and is_built(out, expected):
@@ -411,6 +457,8 @@ def build(
     check_out_folder(out, force or read_marker(out) is not None, hint="pass --force to replace it")
 
     tokenizer = Tokenizer.load(tokenizer_files())
+    if template is not None:
+        tokenizer = with_template(tokenizer, template)
     sequences = training_sequences(tokenizer, scripts)
     rows = training_rows(sequences)
     used_ids = sorted({t for ids, _ in rows for t in ids} | set(tokenizer.end_token_ids))
@@ -441,9 +489,11 @@ def build(
         "lowest_target_probability_bf16": round(lowest_bf16, 6),
         "dtype": "bfloat16" if dtype == mx.bfloat16 else "float32",
     }
+    if template is not None:
+        info["chat_template"] = "own"
 
     def write(folder: Path) -> None:
-        write_demo(folder, model, used_ids, dtype, info, scripts)
+        write_demo(folder, model, used_ids, dtype, info, scripts, template)
         verify(folder, sequences, log)
 
     write_folder(out, write, overwrite=True)
@@ -459,3 +509,19 @@ def ensure_demo(log: Log | None = None) -> Path:
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     log(f"building the demo model in {folder} (once)")
     return build(folder, force=True, log=log)
+
+
+def build_coder(out: str | Path | None = None, force: bool = False, log: Log = print) -> Path:
+    """`build` for demo-coder: its scripts and template, into `out` (default `demo_coder_dir()`)."""
+    out = out if out is not None else demo_coder_dir()
+    return build(out, force=force, log=log, scripts=CODER_SCRIPTS, template=CODER_TEMPLATE)
+
+
+def ensure_demo_coder(log: Log | None = None) -> Path:
+    """The demo-coder model's folder in the cache, built on first use like the demo's."""
+    folder = demo_coder_dir()
+    if is_built(folder, folder.name.removeprefix("demo-coder-")):
+        return folder
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    log(f"building the demo-coder model in {folder} (once)")
+    return build_coder(folder, force=True, log=log)

@@ -19,7 +19,9 @@ Design decisions:
 - `tool_choice`: "none" bans `<tool_call>` in the answer; "required" or a named function forces
   `<tool_call>\\n`, then the call's JSON and the newline after it are constrained to the tools' schemas
   (name and arguments; one grammar, so the token that spans the JSON's end and the newline is allowed),
-  then `</tool_call>`. Without `parallel_tool_calls` the turn ends after the first call.
+  then `</tool_call>`. Without `parallel_tool_calls` the turn ends after the first call. Under a template
+  that writes Qwen3-Coder's XML calls (`format.tool_call_format`, read from the tokenizer's own template
+  unless given) the call is constrained to that XML instead, the form the model was trained on.
 - A turn whose answer is constrained cannot end while it thinks: the end token's probability moves to
   `</think>`, so a model that would stop mid-thought closes its thinking and the call or JSON still comes.
 - Penalties (repetition, presence, frequency) see the generated tokens only, as OpenAI's and vLLM's do.
@@ -90,6 +92,7 @@ class TurnGuide:
         parallel_tool_calls: bool = True,
         response_format: dict | None = None,
         penalties: Sequence[LogitsProcessor] = (),
+        tool_format: str | None = None,  # `format.JSON_TOOL_CALLS` or `XML_TOOL_CALLS`; None: the template's
     ):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -105,10 +108,12 @@ class TurnGuide:
         if tool_choice not in (None, "auto", "none"):
             named = None if tool_choice == "required" else tool_choice
             self.single_call = self.single_call or named is not None
-            schema = tool_call_schema(tools, named)
-            from .constrain import tool_call_grammar  # the grammar library is heavy: imported when needed
+            from .constrain import tool_call_grammar, xml_tool_call_grammar  # heavy: imported when needed
 
-            self.tool_grammar = tool_call_grammar(schema)
+            if (tool_format or qwen3.tool_call_format(tokenizer.chat_template)) == qwen3.XML_TOOL_CALLS:
+                self.tool_grammar = xml_tool_call_grammar(list(tools), named)
+            else:
+                self.tool_grammar = tool_call_grammar(tool_call_schema(tools, named))
         self.json_grammar = _grammar(response_format) if response_format else None
         self.newline_ids = tokenizer.encode("\n")
         self.blank_ids = tokenizer.encode("\n\n")

@@ -3,9 +3,10 @@
 Design decisions:
 - Hub downloads go through `huggingface_hub.snapshot_download` with only the files a Qwen3 runtime needs,
   its own progress bars and cache, and its offline mode (`HF_HUB_OFFLINE=1`).
-- `demo` (when no folder of that name is here) is the offline demo model, built into the cache on first use.
-- The order: a folder path, `demo`, a folder in the models folder (`qwen-mlx pull --quantize`), a short name
-  (`qwen3:8b`, `FAMILY` below), a Hub repo id.
+- `demo` and `demo-coder` (when no folder of that name is here) are the offline demo models (Qwen3's format
+  and Qwen3-Coder's XML tool calls), built into the cache on first use.
+- The order: a folder path, `demo` or `demo-coder`, a folder in the models folder (`qwen-mlx pull --quantize`),
+  a short name (`qwen3:8b`, `FAMILY` below), a Hub repo id.
 - Reading the folder is `qwen_mlx.checkpoint`'s; `load` gives the bare model (the public one-liner),
   `load_model` the whole `Loaded` result (config, folder, generation settings).
 """
@@ -44,6 +45,7 @@ DEFAULT_QUANT = "4bit"
 QUANTS = ("4bit", "8bit", "bf16")
 MODELS_FOLDER = "models"
 NAME_QUANT = re.compile(r"^(?P<base>.+):(?P<bits>4|8)(?:bit)?$")
+DEMO_NAMES = ("demo", "demo-coder")  # the offline demo models, trained here on first use (qwen_mlx.demo)
 
 
 def models_dir() -> Path:
@@ -95,7 +97,7 @@ def is_hub_repo(path_or_repo: str | Path) -> bool:
     """True when `path_or_repo` names a Hub repo (to download) rather than a folder here or the demo."""
     text = str(path_or_repo)
     return (
-        text != "demo"
+        text not in DEMO_NAMES
         and not Path(text).expanduser().exists()
         and bool(REPO_ID.match(text))
         and not text.startswith((".", "~"))
@@ -105,16 +107,17 @@ def is_hub_repo(path_or_repo: str | Path) -> bool:
 def resolve_model_path(path_or_repo: str | Path, revision: str | None = None, *, weights: bool = True) -> Path:
     """A local folder as it is; a Hub repo id downloaded (or found in the cache) with huggingface_hub.
 
-    `demo` (when no folder of that name is here) is the offline demo model, built into the cache on first use.
-    `weights=False` fetches a repo's config, index and tokenizer only (`fetch_shards` brings the weights).
+    `demo` and `demo-coder` (when no folder of that name is here) are the offline demo models, built into the
+    cache on first use. `weights=False` fetches a repo's config, index and tokenizer only (`fetch_shards`
+    brings the weights).
     """
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
-    if str(path_or_repo) == "demo":
-        from .demo import ensure_demo  # imported here: the demo module loads models itself
+    if str(path_or_repo) in DEMO_NAMES:
+        from .demo import ensure_demo, ensure_demo_coder  # imported here: the demo module loads models itself
 
-        return ensure_demo()
+        return ensure_demo() if str(path_or_repo) == "demo" else ensure_demo_coder()
     if path.exists():
         raise QwenMLXError(f"{path} is a file; pass the model folder that holds config.json")
     text = str(path_or_repo)

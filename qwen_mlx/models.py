@@ -8,7 +8,7 @@ Design decisions:
 - Downloads stay in huggingface_hub's own cache (its resume, progress bars, offline mode); only what
   `pull --quantize` converts goes to the models folder, `<cache>/models` (`MODELS_FOLDER`, beside the
   demo model), named `<repo name>-<bits>bit`.
-- A name resolves in this order: a folder path, `demo`, a folder in the models folder, a short name (its
+- A name resolves in this order: a folder path, `demo` or `demo-coder`, a folder in the models folder, a short name (its
   conversion in the models folder first, else its repo), a Hub repo id.
 - `list` reads config.json and the safetensors headers only, never weights, and one unreadable model is a
   row saying so, not a failed listing.
@@ -28,7 +28,17 @@ from pathlib import Path
 from .checkpoint import SAFETENSORS_ITEMSIZE, check_safetensors, read_config, weight_files
 from .config import ModelArgs
 from .errors import QwenMLXError
-from .loader import FAMILY, QUANTIZED_REPO, REPO_ID, converted_name, find_named, models_dir, short_name, split_quant
+from .loader import (
+    DEMO_NAMES,
+    FAMILY,
+    QUANTIZED_REPO,
+    REPO_ID,
+    converted_name,
+    find_named,
+    models_dir,
+    short_name,
+    split_quant,
+)
 from .memory import Estimate, ModelShape, estimate, memory_budget
 
 LIST_CONTEXT = 32768  # `list` judges the fit at the model's context, capped here (the column says which)
@@ -143,11 +153,13 @@ def hub_cache_models() -> list[tuple[str, Path]]:
 
 def list_models(budget: int | None = None) -> list[Entry]:
     """Every model this machine can run: the demo, the models folder, the Hub cache's Qwen3 repos."""
-    from .demo import demo_dir
+    from .demo import demo_coder_dir, demo_dir
 
     budget = memory_budget() if budget is None else budget
-    demo = demo_dir()
-    entries = [Entry("demo", "demo", demo if (demo / "config.json").is_file() else None)]
+    entries = [
+        Entry(name, "demo", folder if (folder / "config.json").is_file() else None)
+        for name, folder in (("demo", demo_dir()), ("demo-coder", demo_coder_dir()))
+    ]
     root = models_dir()
     if root.is_dir():
         entries += [
@@ -195,7 +207,8 @@ def format_table(entries: list[Entry]) -> str:
     rows = [("NAME", "ARCH", "PARAMS", "BITS", "SIZE", "CONTEXT", "FITS")]
     for e in entries:
         if e.info is None:
-            note = "built on first use (qwen-mlx demo build)" if e.where == "demo" else f"unreadable: {e.error}"
+            build = "qwen-mlx demo build" + (" --coder" if e.name == "demo-coder" else "")
+            note = f"built on first use ({build})" if e.where == "demo" else f"unreadable: {e.error}"
             rows.append((e.name, note, "", "", "", "", ""))
             continue
         i = e.info
@@ -259,8 +272,8 @@ def pull(name: str, quantize: int | None = None, *, evaluate: bool = True, log: 
 
 def removal_target(name: str) -> tuple[str, Path]:
     """What `rm NAME` would delete: ("hub", the repo's cache folder) or ("models", a models-folder child)."""
-    if name == "demo":
-        raise QwenMLXError("demo is not in the models folder; it lives in qwen-mlx's cache and rebuilds itself")
+    if name in DEMO_NAMES:
+        raise QwenMLXError(f"{name} is not in the models folder; it lives in qwen-mlx's cache and rebuilds itself")
     for repo, snapshot in hub_cache_models():
         if repo == name:
             return "hub", snapshot.parent.parent

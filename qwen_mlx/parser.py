@@ -106,7 +106,7 @@ def parse_xml_tool_call(raw: str, schemas: Mapping[str, dict] | None = None) -> 
 
 def typed_value(text: str, schema: dict | None) -> Any:
     """An XML parameter's text as the JSON type its schema names; the text itself when it does not parse."""
-    kinds = _schema_types(schema)
+    kinds = schema_types(schema)
     if not kinds or kinds == {"string"}:
         return text
     stripped = text.strip()
@@ -130,7 +130,7 @@ def typed_value(text: str, schema: dict | None) -> Any:
     return text
 
 
-def _schema_types(schema: dict | None) -> set[str]:
+def schema_types(schema: dict | None) -> set[str]:
     """The JSON types a (sub)schema allows: its `type` (a name or a list), or its `anyOf`/`oneOf` members'."""
     if not isinstance(schema, dict):
         return set()
@@ -142,7 +142,7 @@ def _schema_types(schema: dict | None) -> set[str]:
     if "enum" in schema and all(isinstance(v, str) for v in schema["enum"] or ()):
         return {"string"}
     members = schema.get("anyOf") or schema.get("oneOf") or []
-    return set().union(*(_schema_types(m) for m in members)) if isinstance(members, list) else set()
+    return set().union(*(schema_types(m) for m in members)) if isinstance(members, list) else set()
 
 
 def tool_schemas(tools: Sequence[dict] | None) -> dict[str, dict]:
@@ -246,7 +246,7 @@ class ReplyParser:
                 self.in_tool_call = False
                 self.tool_calls += 1
                 if self.tool_format == XML_TOOL_CALLS and not self._tool_text.lstrip().startswith("{"):
-                    return [parse_xml_tool_call(self._tool_text, self._schemas)]  # (a forced call is JSON)
+                    return [parse_xml_tool_call(self._tool_text, self._schemas)]  # (a JSON call still parses)
                 return [parse_tool_call(self._tool_text)]
             self._tool_text += text
             return []
