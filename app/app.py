@@ -10,6 +10,10 @@ Design decisions:
 - Another app on the same store may have saved a newer version under this chat's name: the store then keeps
   both and saves this one under a new name, and the app says so in the conversation (from then on this chat
   is that name), so no save of either app disappears unseen.
+- `/model` opens a picker (`picker.py`); a choice there and `/model NAME` take one path, `_choose`, which
+  asks first when the fit estimate says the model will not fit. The main screen's widgets are found through
+  `main_screen`, since the app's own queries see only the top screen and the engine's messages can arrive
+  while a picker is open.
 """
 
 from __future__ import annotations
@@ -19,18 +23,34 @@ import shlex
 import time
 from dataclasses import dataclass, replace
 
-from textual import on
+from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
+from textual.message import Message as TextualMessage
+from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Static
 
 from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.memory import Estimate
 
 from . import commands
 from .backends import Backend, LocalBackend
 from .conversation import Conversation, Message
 from .engine_thread import EngineThread, TurnRequest
+from .picker import (
+    ENDPOINT_COLUMNS,
+    LOCAL_COLUMNS,
+    Choice,
+    ConfirmLoad,
+    ModelPicker,
+    endpoint_choices,
+    fit_warning,
+    is_current,
+    local_choices,
+    local_fit,
+    too_big,
+)
 from .store import Store
 from .widgets import (
     AssistantMessage,
@@ -89,6 +109,14 @@ class ChatApp(App):
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
+    class ModelChecked(TextualMessage):
+        """`/model NAME`'s fit estimate, made on a worker thread (None when unknown)."""
+
+        def __init__(self, source: Source, fit: Estimate | None) -> None:
+            super().__init__()
+            self.source = source
+            self.fit = fit
+
     def __init__(
         self,
         source: Source,
@@ -131,8 +159,13 @@ class ChatApp(App):
         return self._store
 
     @property
+    def main_screen(self) -> Screen:
+        """The chat's own screen, under any picker or question on top."""
+        return self.screen_stack[0]
+
+    @property
     def log_view(self) -> VerticalScroll:
-        return self.query_one("#log", VerticalScroll)
+        return self.main_screen.query_one("#log", VerticalScroll)
 
     async def on_mount(self) -> None:
         self.log_view.anchor()
@@ -215,7 +248,7 @@ class ChatApp(App):
     def _refresh_status(self) -> None:
         c = self.conversation
         self.status.thinking, self.status.budget, self.status.temperature = c.thinking, c.budget, c.temperature
-        self.query_one(StatusBar).show(self.status)
+        self.main_screen.query_one(StatusBar).show(self.status)
 
     # -- the engine's messages ----------------------------------------------------------------------------
 
@@ -369,6 +402,8 @@ class ChatApp(App):
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         if action in ("stop", "end_thinking"):
             return bool(self.turn)  # Esc means "stop" only while answering; elsewhere widgets keep it
+        if action in ("regenerate", "toggle_thinking"):
+            return not isinstance(self.screen, ModalScreen)  # the chat is under a picker: its keys wait
         return True
 
     async def action_stop(self) -> None:
@@ -492,12 +527,87 @@ class ChatApp(App):
             await self._show_conversation()
             await self.say(f"loaded {value!r}: {len(self.conversation.messages)} messages")
         elif name == "/model":
+            self._refuse_while_answering()
             if value is None:
-                await self.say(self._describe_model())
+                self._open_picker()
             else:
-                self._refuse_while_answering()
-                self.source = Source(model=value)
-                self._load(self.source)
+                self._check_fit(Source(model=value))
+
+    # -- choosing a model ---------------------------------------------------------------------------------
+
+    def _open_picker(self) -> None:
+        source = self.source
+        if source.distributed:
+            raise QwenMLXError(
+                f"{source.model} is split over the ranks ({source.distributed}): to change it, quit and start "
+                "qwen-mlx chat --distributed with another --model"
+            )
+        backend = self.engine.backend
+        described = self._describe_model() if backend is not None else "none loaded yet"
+        if source.endpoint:
+            url, key = source.endpoint, source.api_key
+            held = getattr(backend, "model", None)  # the endpoint's model id
+
+            def current(choice: Choice) -> bool:
+                return choice.name == held
+
+            picker = ModelPicker(
+                f"Models at {url} · now: {described}", ENDPOINT_COLUMNS, lambda: endpoint_choices(url, key), current
+            )
+        else:
+            held = backend.label if isinstance(backend, LocalBackend) else None  # what it was loaded as
+
+            def current(choice: Choice) -> bool:
+                return held is not None and is_current(choice, held)
+
+            picker = ModelPicker(f"Local models · now: {described}", LOCAL_COLUMNS, local_choices, current)
+
+        def chosen(choice: Choice | None) -> None:
+            if choice is None:
+                return
+            if current(choice):
+                self.notify(f"{choice.name} is the model already loaded.")
+                return
+            if source.endpoint:
+                self._choose(Source(endpoint=source.endpoint, api_key=source.api_key, model=choice.name), None)
+            else:
+                self._choose(Source(model=choice.name), choice.fit)
+
+        self.push_screen(picker, chosen)
+
+    @work(thread=True, exclusive=True, group="model-fit")
+    def _check_fit(self, source: Source) -> None:
+        """`/model NAME`: estimate the fit off the UI thread (headers, the Hub cache), then `_choose`."""
+        try:
+            fit = local_fit(source.model)
+        except Exception:  # unknown fit: the load itself says what is wrong
+            fit = None
+        self.post_message(self.ModelChecked(source, fit))
+
+    @on(ModelChecked)
+    def _model_checked(self, message: ModelChecked) -> None:
+        self._choose(message.source, message.fit)
+
+    def _choose(self, source: Source, fit: Estimate | None) -> None:
+        """Load `source`, first asking when its fit estimate says it will not fit."""
+        if not too_big(fit):
+            self._switch(source)
+            return
+
+        def answered(load: bool | None) -> None:
+            if load:
+                self._switch(source)
+            else:
+                self.notify(f"Kept {self.source.label}; {source.label} was not loaded.")
+
+        self.push_screen(ConfirmLoad(fit_warning(source.label, fit)), answered)
+
+    def _switch(self, source: Source) -> None:
+        if self.turn:  # a message sent while the choice was being made
+            self.notify(f"Still answering: {source.label} was not loaded. Esc stops the answer.", severity="warning")
+            return
+        self.source = source
+        self._load(source)
 
     def _refuse_while_answering(self) -> None:
         if self.turn:

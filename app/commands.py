@@ -27,7 +27,7 @@ COMMANDS: dict[str, Spec] = {
     "/clear": Spec("/clear", "start a new conversation (saved chats are kept)"),
     "/save": Spec("/save [NAME]", "save this chat and export it as Markdown"),
     "/load": Spec("/load NAME", "open a saved chat"),
-    "/model": Spec("/model [NAME]", "show the model, or load another local one"),
+    "/model": Spec("/model [NAME]", "no name: choose from a list (arrows, Enter, Esc); NAME: load that local model"),
     "/help": Spec("/help", "commands and keys"),
 }
 MAX_TEMPERATURE = 2.0

@@ -202,6 +202,37 @@ def _context_length(card: dict) -> int | None:
     return None
 
 
+def _client(url: str, api_key: str | None) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=url,
+        api_key=api_key or NO_KEY,
+        max_retries=0,
+        timeout=openai.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+    )
+
+
+def _cards(client: openai.OpenAI, url: str, api_key: str | None) -> list[dict]:
+    """The endpoint's `/models` cards that have an id; raises QwenMLXError when it lists none."""
+    try:
+        response = client.models.with_raw_response.list(
+            timeout=openai.Timeout(LIST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+        )
+        listing = response.http_response.json()
+    except (openai.OpenAIError, ValueError) as e:
+        raise _error(url, e, api_key) from None
+    data = listing.get("data") if isinstance(listing, dict) else None
+    cards = [c for c in data if isinstance(c, dict) and isinstance(c.get("id"), str)] if isinstance(data, list) else []
+    if not cards:
+        raise QwenMLXError(f"{url}/models lists no models: load one in the server first")
+    return cards
+
+
+def served_models(url: str, api_key: str | None = None) -> list[tuple[str, int | None]]:
+    """(model id, context length or None) of every model the endpoint lists, for the chat app's picker."""
+    url = base_url(url)
+    return [(card["id"], _context_length(card)) for card in _cards(_client(url, api_key), url, api_key)]
+
+
 def _field(obj, name: str):
     """A field the SDK's model does not declare (`reasoning_content`), or a declared one, or None."""
     extra = getattr(obj, "model_extra", None) or {}
@@ -280,25 +311,8 @@ class EndpointBackend:
     def connect(cls, url: str, api_key: str | None = None, model: str | None = None) -> EndpointBackend:
         """Check the endpoint by listing its models and pick one; raises QwenMLXError with one readable line."""
         url = base_url(url)
-        client = openai.OpenAI(
-            base_url=url,
-            api_key=api_key or NO_KEY,
-            max_retries=0,
-            timeout=openai.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
-        )
-        try:
-            response = client.models.with_raw_response.list(
-                timeout=openai.Timeout(LIST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
-            )
-            listing = response.http_response.json()
-        except (openai.OpenAIError, ValueError) as e:
-            raise _error(url, e, api_key) from None
-        data = listing.get("data") if isinstance(listing, dict) else None
-        cards = (
-            [c for c in data if isinstance(c, dict) and isinstance(c.get("id"), str)] if isinstance(data, list) else []
-        )
-        if not cards:
-            raise QwenMLXError(f"{url}/models lists no models: load one in the server first")
+        client = _client(url, api_key)
+        cards = _cards(client, url, api_key)
         names = [c["id"] for c in cards]
         if model is None:
             card = cards[0]
