@@ -266,7 +266,8 @@ def serve_in_background(args):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     api_key = secrets.token_urlsafe(24)
-    argv = ["serve", "--model", args.model, "--port", str(port), "--api-key", api_key,
+    # `--api-key=KEY` in one word: a url-safe key may begin with "-", which argparse takes for an option.
+    argv = ["serve", "--model", args.model, "--port", str(port), f"--api-key={api_key}",
             "--distributed", args.distributed]  # fmt: skip
     for flag, value in (
         ("--quantize", args.quantize),
