@@ -217,7 +217,8 @@ def format_table(entries: list[Entry]) -> str:
             params += f" ({count_text(i.active_parameters)} active)"
         rows.append((e.name, i.model_type, params, i.bits, size_text(i.disk_bytes),
                      context_text(i.shape.context_length), fit_text(e.fit)))  # fmt: skip
-    widths = [max(len(row[c]) for row in rows if len(row[1]) < 40 or c > 1) for c in range(len(rows[0]))]
+    # A note (not built, unreadable) runs on past the ARCH column instead of widening it; its name still counts.
+    widths = [max(len(row[c]) for row in rows if c != 1 or len(row[1]) < 40) for c in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
