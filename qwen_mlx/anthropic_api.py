@@ -301,12 +301,13 @@ def _tool_id(call: ToolCall) -> str:
     return call.id if call.id.startswith("toolu_") else f"toolu_{call.id.removeprefix('call_')}"
 
 
-def add_routes(app, scheduler: Scheduler, settings, check_model) -> None:
-    """`/v1/messages` and `/v1/messages/count_tokens` on the server's app."""
+def add_routes(app, models, settings) -> None:
+    """`/v1/messages` and `/v1/messages/count_tokens` on the server's app (`models`: the server's `Registry`,
+    which hands out each request's model)."""
 
     @app.post("/v1/messages", responses=BUSY)
     async def messages(body: MessagesRequest, request: Request):
-        check_model(body.model)
+        scheduler = (await models.get(body.model)).scheduler
         turn = await asyncio.to_thread(plan_messages, scheduler.turns, body)
         ticket = scheduler.submit(turn)
         message = {
@@ -330,7 +331,7 @@ def add_routes(app, scheduler: Scheduler, settings, check_model) -> None:
 
     @app.post("/v1/messages/count_tokens")
     async def messages_count_tokens(body: CountTokensRequest):
-        check_model(body.model)
+        scheduler = (await models.get(body.model)).scheduler
         return {"input_tokens": await asyncio.to_thread(count_tokens, scheduler.turns, body)}
 
 

@@ -334,12 +334,10 @@ def demo_build(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Serve the model over the OpenAI API until interrupted."""
-    import uvicorn
-
+    """Serve one model (loaded now) or several (each loaded on its first request) until interrupted."""
     from . import transport
     from .scheduler import Scheduler
-    from .server import REASONING_FIELDS, Settings, bind, create_app, is_loopback
+    from .server import REASONING_FIELDS, Settings, bind, create_app, is_loopback, single_model
     from .tokenizer import Tokenizer
 
     if args.api_key and args.api_key_file:
@@ -365,18 +363,23 @@ def serve(args: argparse.Namespace) -> int:
         raise QwenMLXError("--read-timeout must be a number of seconds above 0")
     if args.max_connections is not None and args.max_connections < 1:
         raise QwenMLXError("--max-connections must be at least 1")
+    if args.ttl is not None and not args.ttl > 0:
+        raise QwenMLXError("--ttl must be a number of seconds above 0")
+    if args.memory_budget is not None and not args.memory_budget > 0:
+        raise QwenMLXError("--memory-budget must be a number of GiB above 0")
+    several = len(args.models) != 1
+    if several and args.model_name:
+        raise QwenMLXError("--model-name names the one model served: with several, each keeps its own name")
+    if getattr(args, "distributed", None) and (several or args.ttl is not None):
+        raise QwenMLXError("--distributed serves one model for the server's life: give one --model, no --ttl")
     hosts = transport.allowed_hosts(args.host, args.allowed_hosts)
     transport.raise_fd_limit()  # before the model's files open
     if getattr(args, "distributed", None) and os.environ.get("MLX_RANK") != "0":
         from .distributed import run_follower
 
         return run_follower(load_model(args))  # the other ranks follow rank 0, which serves
+    served = served_models(args) if several else None  # names and folders checked before the port is taken
     sock = bind(args.host, args.port)  # before the model loads: a port in use fails at once
-
-    def load_with_tokenizer():
-        loaded = load_model(args)
-        return loaded, Tokenizer.load(loaded.path)
-
     draft = speculation(args)
 
     def load_draft(loaded, tokenizer):
@@ -385,15 +388,39 @@ def serve(args: argparse.Namespace) -> int:
         print(f"qwen-mlx: loading the draft model {draft}", file=sys.stderr, flush=True)
         return load_draft(draft, loaded.model.args.vocab_size, tokenizer)
 
-    scheduler = Scheduler(
-        load_with_tokenizer,
-        max_batch=args.max_batch,
-        max_waiting=args.max_waiting,
-        prefill_step_size=args.prefill_step_size,
-        default_max_tokens=args.max_tokens_default,
-        load_draft=load_draft if draft not in (None, "lookup") else None,
-        speculative=(("lookup" if draft == "lookup" else "model"), args.num_draft_tokens) if draft else None,
-    )
+    def make_scheduler(source: str) -> Scheduler:
+        def load_with_tokenizer():
+            loaded = load_model(argparse.Namespace(**{**vars(args), "model": source}))
+            return loaded, Tokenizer.load(loaded.path)
+
+        return Scheduler(
+            load_with_tokenizer,
+            max_batch=args.max_batch,
+            max_waiting=args.max_waiting,
+            prefill_step_size=args.prefill_step_size,
+            default_max_tokens=args.max_tokens_default,
+            load_draft=load_draft if draft not in (None, "lookup") else None,
+            speculative=(("lookup" if draft == "lookup" else "model"), args.num_draft_tokens) if draft else None,
+        )
+
+    budget = int(args.memory_budget * GIB) if args.memory_budget is not None else None
+    settings = Settings(model_id="", reasoning_field=args.reasoning_field, keepalive_s=args.keepalive)
+    if served is not None:
+        from .memory import memory_budget
+        from .mlxlm import submodule
+        from .registry import Registry
+
+        registry = Registry(served, lambda model: make_scheduler(model.source), ttl=args.ttl,
+                            budget=budget if budget is not None else memory_budget())  # fmt: skip
+        for name in ("generate", "models.cache"):  # what a scheduler imports: see connection_limit below
+            submodule(name)
+        try:
+            return _serve_app(args, sock, hosts, api_key, create_app(registry, settings, api_key=api_key,
+                              cors_origins=args.cors_origin or (), max_body=args.max_body_mb << 20),
+                              f"{len(served)} models ({_names(served)}; each loads on its first request)")  # fmt: skip
+        finally:
+            registry.close()
+    scheduler = make_scheduler(args.model)
     model_id = args.model_name or (
         args.model if not os.path.isdir(args.model) else os.path.basename(os.path.abspath(args.model))
     )
@@ -413,20 +440,144 @@ def serve(args: argparse.Namespace) -> int:
         patterns=tuple(patterns),
         keepalive_s=args.keepalive,
     )
-    app = create_app(scheduler, settings, api_key=api_key, cors_origins=args.cors_origin or (),
+    registry = single_model(scheduler, settings, lambda model: make_scheduler(args.model), ttl=args.ttl,
+                            budget=budget)  # fmt: skip
+    app = create_app(registry, settings, api_key=api_key, cors_origins=args.cors_origin or (),
                      max_body=args.max_body_mb << 20)  # fmt: skip
+    try:
+        return _serve_app(args, sock, hosts, api_key, app, model_id, max_connections)
+    finally:
+        registry.close()
+
+
+def _serve_app(args, sock, hosts, api_key, app, what: str, max_connections: int | None = None) -> int:
+    """Run `app` on `sock` until interrupted, after the `serving WHAT at URL/v1` line (tests wait for it)."""
+    import uvicorn
+
+    from . import transport
+
+    if max_connections is None:
+        max_connections = transport.connection_limit(args.max_connections)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"qwen-mlx: serving {model_id} at http://{host}:{sock.getsockname()[1]}/v1", file=sys.stderr, flush=True)
+    print(f"qwen-mlx: serving {what} at http://{host}:{sock.getsockname()[1]}/v1", file=sys.stderr, flush=True)
     protocol = transport.http_protocol(args.read_timeout, max_connections)
     config = uvicorn.Config(transport.Gate(app, hosts), http=protocol, ws="none", log_level=args.log_level,
                             timeout_graceful_shutdown=2)  # fmt: skip
     transport.quiet_logs()  # after uvicorn.Config, which configures logging
-    server = uvicorn.Server(config)
-    try:
-        server.run(sockets=[sock])
-    finally:
-        scheduler.stop()
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _names(served, most: int = 4) -> str:
+    names = [m.name for m in served]
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def served_models(args: argparse.Namespace) -> list:
+    """The models a server of several serves (`ServedModel`s): every `--model` given, else every model
+    `qwen-mlx list` shows (an unreadable one is left out, with a line saying why); `--alias NAME=MODEL`."""
+    from .demo import demo_dir
+    from .loader import find_named, is_hub_repo, resolve_model_path
+    from .models import hub_cache_models, list_models
+    from .registry import ServedModel, shape_facts
+
+    served = []
+    if not args.models:
+        for entry in list_models():
+            if entry.error is not None:
+                print(f"qwen-mlx: leaving out {entry.name}: {entry.error}", file=sys.stderr, flush=True)
+                continue
+            folder = entry.folder
+            source = "demo" if entry.where == "demo" else str(folder)
+            memory = entry.fit.total if entry.fit is not None else None
+            context = entry.info.shape.context_length if entry.info is not None else None
+            names = (str(folder), folder.name) if entry.where == "models" else (str(folder),) if folder else ()
+            served.append(ServedModel(entry.name, source, folder, names, memory=memory, context_length=context))
+    hub = dict(hub_cache_models()) if any(is_hub_repo(m) for m in args.models) else {}
+    for given in args.models:
+        if given == "demo" and not os.path.isdir(given):
+            folder = demo_dir() if (demo_dir() / "config.json").is_file() else None
+            name = "demo"
+        elif os.path.isdir(given):
+            folder, name = Path(given), os.path.basename(os.path.abspath(given))
+        elif isinstance(found := find_named(given), Path):
+            folder, name = found, given
+        elif is_hub_repo(given):
+            folder, name = hub.get(given), given  # a repo not in the cache yet downloads when first asked for
+        else:
+            resolve_model_path(given)  # raises the one line that says what is wrong with the name
+            raise QwenMLXError(f"--model {given}: not a model folder, a models-folder name or a Hub repo id")
+        names = tuple(dict.fromkeys(n for n in (given, str(folder or ""), folder.name if folder else "") if n))
+        memory, context = shape_facts(folder)
+        served.append(ServedModel(name, str(folder or given), folder, names, memory=memory, context_length=context))
+    seen: dict[str, str] = {}
+    for model in served:
+        if model.name in seen:
+            given = model.names[0] if model.names else model.source
+            raise QwenMLXError(f"--model {seen[model.name]} and --model {given} are both named {model.name!r}: "
+                               "serve one, or a copy of its folder under another name")  # fmt: skip
+        seen[model.name] = model.names[0] if model.names else model.source
+    for alias in args.alias or ():
+        name, _, target = alias.partition("=")
+        if not name or not target:
+            raise QwenMLXError(f"--alias {alias!r}: with several models, say which one: --alias NAME=MODEL")
+        model = next((m for m in served if m.answers_to(target)), None)
+        if model is None:
+            raise QwenMLXError(f"--alias {alias}: no served model is named {target!r} ({_names(served)})")
+        model.patterns = (*model.patterns, name)
+    return served
+
+
+class _Models(argparse.Action):
+    """`--model` given once or more: every one in `models`; `model` is the first (what one-model code reads)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.models = [*namespace.models, values]
+        namespace.model = namespace.models[0]
+
+
+DEFAULT_URL = "http://127.0.0.1:1234"  # `serve`'s default address
+
+
+def ps(args: argparse.Namespace) -> int:
+    """`qwen-mlx ps`: what a running server has loaded (its `/api/ps`), as a table like `list`'s."""
+    import httpx
+
+    from .models import context_text, size_text
+
+    if args.api_key and args.api_key_file:
+        raise QwenMLXError("--api-key and --api-key-file both give the key: keep one")
+    key = args.api_key or _read_api_key(args.api_key_file) or os.environ.get("QWEN_MLX_API_KEY")
+    url = args.url.rstrip("/").removesuffix("/v1")
+    try:
+        response = httpx.get(f"{url}/api/ps", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=10)
+    except httpx.HTTPError as e:
+        raise QwenMLXError(f"no server answers at {url} ({e or type(e).__name__}); start one with qwen-mlx serve, "
+                           "or give its address with --url") from None  # fmt: skip
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.status_code == 401:
+        raise QwenMLXError(f"the server at {url} wants its API key: pass --api-key or set QWEN_MLX_API_KEY")
+    if response.status_code != 200 or not isinstance(body, dict) or not isinstance(body.get("models"), list):
+        raise QwenMLXError(f"{url} answered /api/ps with HTTP {response.status_code}: is it a qwen-mlx server?")
+    rows = [("NAME", "MEMORY", "CONTEXT", "IDLE")]
+    for model in body["models"]:
+        busy = model.get("in_flight") or 0
+        idle = f"busy ({busy} request{'s' * (busy != 1)})" if busy else _duration(model.get("idle_seconds", 0))
+        context = model.get("context_length")
+        rows.append((model.get("id") or model.get("name", "?"), size_text(model.get("size") or 0),
+                     context_text(context) if context else "?", idle))  # fmt: skip
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    print("\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows))
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _read_api_key(path: str | None) -> str | None:
@@ -603,9 +754,31 @@ def build_parser() -> argparse.ArgumentParser:
     srv = commands.add_parser(
         "serve",
         help="an OpenAI-compatible endpoint on 127.0.0.1:1234 (LM Studio's port)",
-        description="Serve a model over the OpenAI API. Example: qwen-mlx serve --model demo",
+        description="Serve models over the OpenAI, Anthropic and Ollama APIs. With one --model, that model, "
+        "loaded now. With several, or none (every model `qwen-mlx list` shows), a request's `model` picks "
+        "one; it loads on its first request and unloads after --ttl idle or when another needs its memory "
+        "(--memory-budget). Examples: qwen-mlx serve --model demo; qwen-mlx serve --ttl 3600",
     )
-    srv.add_argument("--model", required=True, help="a model folder, a Hugging Face repo id, or demo")
+    srv.add_argument(
+        "--model",
+        action=_Models,
+        metavar="M",
+        help="a model folder, a Hugging Face repo id, or demo (repeatable; default: every model `list` shows)",
+    )
+    srv.set_defaults(models=[])
+    srv.add_argument(
+        "--ttl",
+        type=float,
+        metavar="S",
+        help="unload a model after S seconds without a request (default: never; the budget still evicts)",
+    )
+    srv.add_argument(
+        "--memory-budget",
+        type=float,
+        metavar="GIB",
+        help="GiB the loaded models may take, by the estimate `list` prints; past it the least recently used "
+        "idle model unloads (default: the GPU's working set, else the memory available at start)",
+    )
     srv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=1234, help="the port (default 1234; 0 picks a free one)")
     srv.add_argument("--api-key", help="require this key (Bearer or x-api-key); also $QWEN_MLX_API_KEY")
@@ -621,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="reasoning_content",
         help="where thinking goes: reasoning_content (default), reasoning, or think (inline <think> text)",
     )
-    srv.add_argument("--model-name", help="the id /v1/models reports (default: the --model argument)")
+    srv.add_argument("--model-name", help="the id /v1/models reports (one --model only; default: its argument)")
     srv.add_argument(
         "--max-tokens-default",
         type=int,
@@ -639,7 +812,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--alias",
         action="append",
         metavar="NAME",
-        help="also answer to NAME (or NAME=MODEL); glob patterns allowed, e.g. 'claude-*' for Claude Code (repeatable)",
+        help="also answer to NAME (with several models: NAME=MODEL); glob patterns allowed, e.g. 'claude-*' for "
+        "Claude Code (repeatable)",
     )
     srv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     srv.add_argument("--max-waiting", type=int, default=32, help="requests queued beyond those; more get 429")
@@ -664,6 +838,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_distributed_options(srv)
     add_speculation_options(srv)
     srv.set_defaults(handler=serve)
+
+    ps_parser = commands.add_parser(
+        "ps",
+        help="the models a running server has loaded: memory, context, idle time",
+        description="Ask a running `qwen-mlx serve` what it has loaded. Example: qwen-mlx ps --url http://127.0.0.1:1234",
+    )
+    ps_parser.add_argument("--url", default=DEFAULT_URL, help=f"the server (default {DEFAULT_URL})")
+    ps_parser.add_argument("--api-key", help="the server's key (default $QWEN_MLX_API_KEY)")
+    ps_parser.add_argument("--api-key-file", metavar="FILE", help="the key on FILE's one line")
+    ps_parser.set_defaults(handler=ps)
 
     chat_parser = commands.add_parser(
         "chat",
@@ -742,6 +926,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if distributed:
             if args.peer_timeout is not None:
                 os.environ["QWEN_MLX_PEER_TIMEOUT"] = str(args.peer_timeout)
+            if args.command == "serve" and len(args.models) != 1:
+                raise QwenMLXError("--distributed serves one model: give one --model")
             if rank is None and args.command != "chat":  # the launching process: start every rank
                 from .distributed import launch, preflight
 

@@ -25,24 +25,26 @@ Design decisions:
   max tokens; negative or absent: no cap but the context) and `num_ctx`, which may lower the context for
   the request but never raise it past the model's (a prompt over it is a 400, as the OpenAI routes refuse
   an overflow: nothing is silently truncated). Options Ollama has for its own runner (`num_gpu`,
-  `num_thread`, `mirostat`, ...) are accepted and ignored; `keep_alive` is accepted (the model stays
-  loaded for the server's life). `logprobs` and `top_logprobs` add Ollama's per-token `logprobs`.
+  `num_thread`, `mirostat`, ...) are accepted and ignored; so is `keep_alive` on a turn (models unload by
+  the server's `--ttl` and memory budget, `registry`). `logprobs` and `top_logprobs` add Ollama's per-token `logprobs`.
 - `/api/generate` with `raw: true` sends the prompt as plain text (as `/v1/completions` does); otherwise
   the prompt (and `system`) is a one-user-message chat through the checkpoint's template. An empty prompt
-  (or a chat with no messages) is Ollama's "load the model" call: `done_reason: "load"` (`"unload"` with
-  `keep_alive: 0`; nothing is unloaded). What a text-only Qwen3 on this server cannot do is a clear 400:
+  (or a chat with no messages) is Ollama's "load the model" call: it loads it, `done_reason: "load"`;
+  with `keep_alive: 0` it unloads it if no request is using it, `"unload"`. What a text-only Qwen3 on this
+  server cannot do is a clear 400:
   `images`, `suffix` (fill-in-the-middle), `template` overrides, a `context` from another server, and
   `format` with `raw`.
 - Model names as Ollama clients send them: the served id or an alias, with or without a `:tag`
   (`demo`, `demo:latest`, `demo:8b`), or an id's name without its tag (`qwen3` for `qwen3:8b`); anything
   else is Ollama's 404 `model 'x' not found`. Replies echo the name the client sent, as Ollama does;
-  `/api/tags` lists the model with a tag (`demo:latest`), as Ollama lists every model.
+  `/api/tags` lists every served model with a tag (`demo:latest`), loaded or not, as Ollama lists them;
+  `/api/ps` the loaded ones, with qwen-mlx's `id`, `in_flight` and `idle_seconds` beside Ollama's fields.
 - Numbers as Ollama reports them: durations in nanoseconds (`prompt_eval_duration` is the time to the
   first token, queueing included; `load_duration` the time spent before the model got the turn, i.e.
-  template and tokenizer, since the model is always loaded), `prompt_eval_count` the prompt tokens evaluated (as
-  Ollama counts them: the prefix cache's part is left out, so a conversation that continues reports only
-  its new tokens), `eval_count` the generated tokens. `/api/show` describes the checkpoint
-  in Ollama's terms (`general.architecture` `qwen3`, or `qwen3moe` for the mixture-of-experts models as
+  template, tokenizer, and loading the model when this request loaded it), `prompt_eval_count` the prompt
+  tokens evaluated (as Ollama counts them: the prefix cache's part is left out, so a conversation that
+  continues reports only its new tokens), `eval_count` the generated tokens. `/api/show` describes the
+  checkpoint in Ollama's terms (`general.architecture` `qwen3`, or `qwen3moe` for the mixture-of-experts models as
   Ollama names them; `format` `safetensors`; the quantization as `Q4`, `Q8`, ... for MLX's affine
   quantization, else the weights' float type) and returns the checkpoint's Jinja chat template.
 - `/api/version` answers `OLLAMA_VERSION`, a recent Ollama release, so clients that check for features
@@ -58,6 +60,7 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
@@ -208,19 +211,21 @@ def listed_name(model_id: str) -> str:
     return model_id if _tag(model_id)[1] else f"{model_id}:latest"
 
 
-def resolver(settings):
-    """`resolve(name)`: returns when `name` is the served model as an Ollama client names it, else a 404."""
-    names = {settings.model_id, *settings.aliases}
-    serves = getattr(settings, "serves", names.__contains__)  # the server's rule: names, --alias patterns
-    untagged = {_tag(n)[0] for n in names if _tag(n)[1]}
+def resolver(models):
+    """`resolve(name)`: the served model an Ollama client names `name` (the server's names and `--alias`
+    patterns, with or without a `:tag`, or an id's name without its tag), else a 404."""
 
-    def resolve(name: str | None) -> None:
+    def resolve(name: str | None):
         if not name:
             raise APIError(400, "model is required", param="model")
         base, tag = _tag(name)
-        if serves(name) or (tag and serves(base)) or (not tag and name in untagged):
-            return
-        raise APIError(404, f"model '{name}' not found", param="model", code="model_not_found")
+        found = models.find(name) or (models.find(base) if tag else None)
+        if found is None and not tag:
+            tagged = (m for m in models.models if any(_tag(n)[1] and _tag(n)[0] == name for n in (m.name, *m.names)))
+            found = next(tagged, None)
+        if found is None:
+            raise APIError(404, f"model '{name}' not found", param="model", code="model_not_found")
+        return found
 
     return resolve
 
@@ -515,19 +520,15 @@ def _quantization(config: dict, dtype: str) -> str:
     return {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(dtype, dtype.upper() or "unknown")
 
 
-class Description:
-    """What `/api/tags`, `/api/show` and `/api/ps` say about the served model, worked out once."""
+class Listing:
+    """What `/api/tags` says of a model, from its folder alone (a model not loaded is listed too)."""
 
-    def __init__(self, scheduler: Scheduler, settings):
-        loaded = scheduler.loaded
-        config = loaded.config
-        self.name = listed_name(settings.model_id)
+    def __init__(self, name: str, path: Path, config: dict, parameters: int, dtype: str, memory: int = 0):
+        self.name = listed_name(name)
         self.architecture = "qwen3moe" if config.get("model_type") == "qwen3_moe" else "qwen3"
-        self.context_length = scheduler.context_length
-        self.parameters, self.memory, dtype = _weights(loaded.model)
-        self.path = Path(loaded.path)
+        self.path, self.config, self.parameters = Path(path), config, parameters
         files = sorted(self.path.glob("*.safetensors"))
-        self.size = sum(f.stat().st_size for f in files) or self.memory
+        self.size = sum(f.stat().st_size for f in files) or memory
         stamp = max((f.stat().st_mtime for f in files), default=time.time())
         self.modified_at = datetime.fromtimestamp(stamp, timezone.utc).isoformat().replace("+00:00", "Z")
         fingerprint = json.dumps(config, sort_keys=True, default=str)
@@ -538,10 +539,39 @@ class Description:
             "format": "safetensors",
             "family": self.architecture,
             "families": [self.architecture],
-            "parameter_size": _human(self.parameters),
+            "parameter_size": _human(parameters),
             "quantization_level": _quantization(config, dtype),
         }
-        self.config = config
+
+    @classmethod
+    def of_folder(cls, name: str, folder: Path) -> Listing:
+        """From config.json and the safetensors headers (`models.read_model`): nothing loads."""
+        from .checkpoint import read_config
+        from .models import read_model
+
+        info = read_model(folder)
+        dtype = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}.get(info.bits, info.bits)
+        return cls(name, folder, read_config(folder), info.parameters, dtype)
+
+    def listing(self) -> dict:
+        return {
+            "name": self.name,
+            "model": self.name,
+            "modified_at": self.modified_at,
+            "size": self.size,
+            "digest": self.digest,
+            "details": self.details,
+        }
+
+
+class Description(Listing):
+    """What `/api/tags`, `/api/show` and `/api/ps` say about a loaded model, worked out once."""
+
+    def __init__(self, scheduler: Scheduler, name: str):
+        loaded = scheduler.loaded
+        parameters, self.memory, dtype = _weights(loaded.model)
+        super().__init__(name, loaded.path, loaded.config, parameters, dtype, self.memory)
+        self.context_length = scheduler.context_length
         tokenizer = scheduler.tokenizer
         self.template = tokenizer.chat_template
         defaults = Sampling().resolve(loaded.generation_config, True)
@@ -582,16 +612,6 @@ class Description:
             f"{params}\n"
         )
 
-    def listing(self) -> dict:
-        return {
-            "name": self.name,
-            "model": self.name,
-            "modified_at": self.modified_at,
-            "size": self.size,
-            "digest": self.digest,
-            "details": self.details,
-        }
-
 
 class JsonBodies:
     """ASGI middleware: Ollama's POST bodies are JSON whatever their Content-Type says (Ollama reads them so,
@@ -610,25 +630,37 @@ class JsonBodies:
 # --- routes ---------------------------------------------------------------------------------------------
 
 
-def add_routes(app, scheduler: Scheduler, settings, check_model) -> None:
-    """Ollama's routes on the server's app (`check_model` is the OpenAI routes'; Ollama's names resolve
-    by Ollama's rules here)."""
+def add_routes(app, models, settings) -> None:
+    """Ollama's routes on the server's app (`models`: the server's `Registry`, which hands out each request's
+    model; Ollama's names resolve by Ollama's rules here)."""
     app.add_middleware(JsonBodies)
-    resolve = resolver(settings)
-    described: list[Description] = []
+    resolve = resolver(models)
+    described: dict[int, Description] = {}  # by the id of the scheduler a model is loaded with
 
-    async def description() -> Description:
-        if not described:
-            described.append(await asyncio.to_thread(Description, scheduler, settings))
-        return described[0]
+    async def description(model) -> Description:
+        scheduler = model.scheduler
+        if id(scheduler) not in described:
+            live = {id(m.scheduler) for m in models.loaded()}
+            for gone in set(described) - live:  # an unloaded model's description goes with it
+                del described[gone]
+            described[id(scheduler)] = await asyncio.to_thread(Description, scheduler, model.name)
+        return described[id(scheduler)]
 
-    def loading(body: _Request, chat: bool) -> dict:
-        reason = "unload" if _keep_alive_zero(body.keep_alive) else "load"
+    async def loading(body: _Request, chat: bool) -> dict:
+        """Ollama's load call (no messages, no prompt): loads the model, or with `keep_alive: 0` unloads it."""
+        model = resolve(body.model)
+        if _keep_alive_zero(body.keep_alive):
+            await models.unload(model)
+            reason = "unload"
+        else:
+            await models.acquire(model)
+            reason = "load"
         fields = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
         return {"model": body.model, "created_at": created_at(), **fields, "done": True, "done_reason": reason}
 
     async def run(body: _Request, request: Request, plan, chat: bool):
         clock = Clock()
+        scheduler = (await models.acquire(resolve(body.model))).scheduler
         try:
             turn = await asyncio.to_thread(plan, scheduler.turns, body)
         except QwenMLXError as e:  # the guide names OpenAI's field; the client sent `format`
@@ -653,7 +685,7 @@ def add_routes(app, scheduler: Scheduler, settings, check_model) -> None:
     async def ollama_chat(body: OllamaChatRequest, request: Request):
         resolve(body.model)
         if not body.messages:
-            return loading(body, chat=True)
+            return await loading(body, chat=True)
         return await run(body, request, plan_chat, chat=True)
 
     @app.post("/api/generate", responses=BUSY)
@@ -661,17 +693,23 @@ def add_routes(app, scheduler: Scheduler, settings, check_model) -> None:
         resolve(body.model)
         _check_generate(body)
         if not body.prompt:
-            return loading(body, chat=False)
+            return await loading(body, chat=False)
         return await run(body, request, plan_generate, chat=False)
 
     @app.get("/api/tags")
     async def ollama_tags() -> dict:
-        return {"models": [(await description()).listing()]}
+        listed = []
+        for model in models.models:
+            if model.scheduler is not None:
+                listed.append((await description(model)).listing())
+            elif model.folder is not None:
+                with contextlib.suppress(QwenMLXError, OSError):  # unreadable: `qwen-mlx list` says why
+                    listed.append((await asyncio.to_thread(Listing.of_folder, model.name, model.folder)).listing())
+        return {"models": listed}
 
     @app.post("/api/show")
     async def ollama_show(body: OllamaShowRequest) -> dict:
-        resolve(body.model or body.name)
-        d = await description()
+        d = await description(await models.acquire(resolve(body.model or body.name)))
         return {
             "license": "",
             "modelfile": d.modelfile(),
@@ -685,10 +723,23 @@ def add_routes(app, scheduler: Scheduler, settings, check_model) -> None:
 
     @app.get("/api/ps")
     async def ollama_ps() -> dict:
-        d = await description()
-        forever = (datetime.now(timezone.utc) + timedelta(days=365 * 100)).isoformat().replace("+00:00", "Z")
-        model = d.listing() | {"expires_at": forever, "size": d.memory, "size_vram": d.memory}
-        return {"models": [model | {"context_length": d.context_length}]}
+        """The loaded models, with Ollama's fields and qwen-mlx's: the served id, requests in flight, seconds
+        idle."""
+        now = datetime.now(timezone.utc)
+        forever = (now + timedelta(days=365 * 100)).isoformat().replace("+00:00", "Z")
+        out = []
+        for model in models.loaded():
+            scheduler = model.scheduler
+            d = await description(model)
+            idle = model.idle_s()
+            expires = forever
+            if models.ttl is not None:
+                expires = (now + timedelta(seconds=max(0.0, models.ttl - idle))).isoformat().replace("+00:00", "Z")
+            size = model.memory or d.memory
+            extra = {"id": model.name, "in_flight": scheduler.in_flight, "idle_seconds": round(idle, 1)}
+            out.append(d.listing() | {"expires_at": expires, "size": size, "size_vram": size,
+                                      "context_length": d.context_length} | extra)  # fmt: skip
+        return {"models": out}
 
     @app.get("/api/version")
     async def ollama_version() -> dict:

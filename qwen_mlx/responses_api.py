@@ -594,18 +594,20 @@ class Exchange:
         return response
 
 
-def add_routes(app, scheduler: Scheduler, settings, check_model) -> None:
-    """`/v1/responses` and `/v1/responses/{id}` on the server's app, with this app's response store."""
+def add_routes(app, models, settings) -> None:
+    """`/v1/responses` and `/v1/responses/{id}` on the server's app, with this app's response store
+    (`models`: the server's `Registry`, which hands out each request's model)."""
     store = ResponseStore()
 
     @app.post("/v1/responses", responses=BUSY)
     async def create_response(body: ResponsesRequest, request: Request):
-        check_model(body.model)
+        served = await models.get(body.model)
+        scheduler = served.scheduler
         items, first = conversation_items(store, body)
         tools = Tools(body.tools)
         turn = await asyncio.to_thread(plan_response, scheduler.turns, body, items, first, tools)
         ticket = scheduler.submit(turn)
-        exchange = Exchange(body, settings.model_id, items, store)
+        exchange = Exchange(body, served.name, items, store)
         if body.stream:
             stream = _response_stream(scheduler, ticket, exchange, tools, settings.keepalive_s)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -2,9 +2,11 @@
 
 This module owns the app (`create_app`), the OpenAI Chat Completions and Completions routes, `GET /v1/models`,
 `GET /health`, the API key and body cap (`Guard`), and binding. The other protocols' routes are added by
-their modules over the same scheduler: `responses_api` (OpenAI Responses), `anthropic_api` (Anthropic
-Messages), `ollama_api` (Ollama); what they share is `wire`. The handlers only validate, plan and format:
-every token comes from the `Scheduler`'s MLX thread, which batches concurrent requests of every protocol.
+their modules over the same models: `responses_api` (OpenAI Responses), `anthropic_api` (Anthropic
+Messages), `ollama_api` (Ollama); what they share is `wire`. Every route asks the `registry.Registry` for
+the model its request names (loaded just in time, one model or several) and talks to that model's
+`Scheduler`. The handlers only validate, plan and format: every token comes from a `Scheduler`'s MLX
+thread, which batches concurrent requests of every protocol.
 
 Design decisions:
 - Thinking: reasoning goes out in `reasoning_content` (or `reasoning`, or inline `<think>` text, per
@@ -20,7 +22,9 @@ Design decisions:
   carry on while a long one is tokenized; after a request with a big body the freed heap goes back to the
   system (`ReturnsMemory`).
 - Model names: the served id, its folder and `--model` argument, and `--alias` glob patterns (agents ask
-  for `claude-*` and `gpt-*`); anything else is a 404 that says how to alias it.
+  for `claude-*` and `gpt-*`); anything else is a 404 that says how to alias it, or, with several models,
+  where they are listed. `/v1/models` and LM Studio's `/api/v0/models` list every servable model, loaded
+  (`state: loaded`) or not; a model's `context_length` comes from its config, before it ever loads.
 - Safe by default: loopback only unless `--api-key` is set; the key is checked on every route but
   `/health` and `/` (Bearer or `x-api-key`); request bodies are capped; CORS is off unless origins are given.
 """
@@ -47,9 +51,11 @@ from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import anthropic_api, ollama_api, responses_api
+from .checkpoint import read_config
 from .errors import ContextLengthExceeded, Overloaded, QwenMLXError
 from .parser import Answer, Reasoning, ToolCall, ToolCallError
 from .protocol import BUSY, ChatCompletionRequest, CompletionRequest, ErrorBody, NamedToolChoice
+from .registry import Holds, Registry, ServedModel, shape_facts
 from .sampling import Sampling
 from .scheduler import Failed, Finished, Scheduler, Ticket
 from .turn import EFFORT_BUDGETS, TurnOptions, TurnPlan, Turns
@@ -317,13 +323,28 @@ class ReturnsMemory:
                 await asyncio.to_thread(release_memory)
 
 
-def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None = None,
+def single_model(scheduler: Scheduler, settings: Settings, make_scheduler=None, **options) -> Registry:
+    """The registry of a server of one model, `scheduler`'s (started), named as `settings` says;
+    `make_scheduler(model)` loads it again after `ttl` unloaded it (`Registry`'s options)."""
+    path = scheduler.loaded.path if scheduler.loaded is not None else None
+    memory, _ = shape_facts(path)
+    model = ServedModel(settings.model_id, str(path), path, names=tuple(settings.aliases),
+                        patterns=tuple(settings.patterns), memory=memory, context_length=scheduler.context_length,
+                        scheduler=scheduler, loaded_at=time.monotonic())  # fmt: skip
+    return Registry([model], make_scheduler, **options)
+
+
+def create_app(models: Registry | Scheduler, settings: Settings, *, api_key: str | None = None,
                cors_origins: Sequence[str] = (), max_body: int = DEFAULT_MAX_BODY) -> FastAPI:  # fmt: skip
+    """The app over `models` (a `Registry`, or one started `Scheduler`, which serves `settings.model_id`)."""
+    registry = models if isinstance(models, Registry) else single_model(models, settings)
     app = FastAPI(
         title="qwen-mlx",
         version=_version(),
         description="A local OpenAI-compatible endpoint for Qwen3 on MLX.",
+        lifespan=registry.lifespan,
     )
+    app.add_middleware(Holds, registry=registry)  # innermost: it sees the request's whole answer go out
     if cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
@@ -371,47 +392,48 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
     async def _unexpected(request: Request, e: Exception):
         return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error", path=request.url.path)
 
-    def check_speculative(body) -> None:
+    def check_speculative(body, scheduler: Scheduler) -> None:
         if body.speculative and body.speculative.draft == "model" and scheduler.draft is None:
             raise APIError(400, "this server has no draft model: start it with --draft-model M, or ask for "
                            '{"draft": "lookup"}', param="speculative.draft")  # fmt: skip
 
-    def check_model(name: str | None) -> None:
-        if name and not settings.serves(name):
-            hint = " (serve with --alias NAME to answer to it)"
-            raise APIError(404, f"The model {name!r} does not exist; this server serves {settings.model_id!r}{hint}",
-                           param="model", code="model_not_found")  # fmt: skip
+    def find(name: str) -> ServedModel:
+        model = registry.find(name)
+        if model is None:
+            raise registry.not_found(name)
+        return model
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": settings.model_id, "in_flight": scheduler.in_flight}
+        named = registry.models[0].name if registry.single else None
+        loaded = [m.name for m in registry.loaded()]
+        return {"status": "ok", "model": named, "in_flight": registry.in_flight, "loaded": loaded}
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [_model_card(settings.model_id, scheduler.context_length)]}
+        return {"object": "list", "data": [_model_card(m) for m in registry.models]}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> dict:
-        check_model(model)
-        return _model_card(settings.model_id, scheduler.context_length)
+        return _model_card(find(model))
 
     @app.get("/api/v0/models")
     async def lmstudio_models() -> dict:
         """LM Studio's native model list, which LM Studio clients read for the state and context."""
-        return {"object": "list", "data": [_lmstudio_card(settings.model_id, scheduler)]}
+        return {"object": "list", "data": [await asyncio.to_thread(_lmstudio_card, m) for m in registry.models]}
 
     @app.get("/api/v0/models/{model:path}")
     async def lmstudio_model(model: str) -> dict:
-        check_model(model)
-        return _lmstudio_card(settings.model_id, scheduler)
+        return await asyncio.to_thread(_lmstudio_card, find(model))
 
     @app.post("/v1/chat/completions", responses=BUSY)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        check_model(body.model)
-        check_speculative(body)
+        served = await registry.get(body.model)
+        scheduler = served.scheduler
+        check_speculative(body, scheduler)
         turn = await asyncio.to_thread(plan_chat, scheduler.turns, body)
         ticket = scheduler.submit(turn)
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_id}
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = _chat_stream(scheduler, ticket, meta, settings, include_usage)
@@ -420,13 +442,14 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
 
     @app.post("/v1/completions", responses=BUSY)
     async def completions(body: CompletionRequest, request: Request):
-        check_model(body.model)
-        check_speculative(body)
+        served = await registry.get(body.model)
+        scheduler = served.scheduler
+        check_speculative(body, scheduler)
         prompts = [body.prompt] if isinstance(body.prompt, str) or _is_ids(body.prompt) else list(body.prompt)
         if not prompts or len(prompts) > 16:
             raise APIError(400, "prompt must be a string, a list of token ids, or 1 to 16 strings", param="prompt")
         turns = [await asyncio.to_thread(plan_completion, scheduler.turns, body, p) for p in prompts]
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_id}
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
         if body.stream:
             if len(turns) > 1:
                 raise APIError(400, "stream one prompt at a time", param="prompt")
@@ -458,10 +481,10 @@ def create_app(scheduler: Scheduler, settings: Settings, *, api_key: str | None 
             total = usage(stats) if total is None else _add_usage(total, usage(stats))
         return {**meta, "object": "text_completion", "choices": choices, "usage": total}
 
-    # The other protocols, over the same scheduler and the same turn pipeline.
-    anthropic_api.add_routes(app, scheduler, settings, check_model)
-    ollama_api.add_routes(app, scheduler, settings, check_model)
-    responses_api.add_routes(app, scheduler, settings, check_model)
+    # The other protocols, over the same models and the same turn pipeline.
+    anthropic_api.add_routes(app, registry, settings)
+    ollama_api.add_routes(app, registry, settings)
+    responses_api.add_routes(app, registry, settings)
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -480,14 +503,16 @@ ERROR_STATUSES = {
     404: "No such model, stored response or route",
     413: "The request body is over the server's cap (--max-body-mb)",
     429: BUSY[429]["description"],
-    500: "An internal error",
+    500: "An internal error, or the model asked for failed to load",
+    503: "No room to load the model asked for: the memory budget is full of models answering requests",
 }
 
 
 def document_errors(schema: dict) -> dict:
     """`/openapi.json` with the statuses really sent, each in its protocol's error shape, in place of FastAPI's
     422 (validation errors are 400s here): 400 and 413 where a body is read, 401 behind the key, 404 where a
-    model or id is named, 429 where a route says it queues a turn (`BUSY`), 500 anywhere."""
+    model or id is named, 429 where a route says it queues a turn (`BUSY`), 503 where a body names a model
+    (loading it may find no room), 500 anywhere."""
     shapes = {
         "openai": ("OpenAI", ErrorBody),
         "anthropic": ("Anthropic", anthropic_api.ErrorBody),
@@ -511,7 +536,7 @@ def document_errors(schema: dict) -> dict:
             if path not in OPEN_PATHS:
                 statuses.add(401)
             if method == "post":
-                statuses |= {400, 404, 413}
+                statuses |= {400, 404, 413, 503}
             if "{" in path:
                 statuses.add(404)
             for status in sorted(statuses):
@@ -537,28 +562,35 @@ def _version() -> str:
     return __version__
 
 
-def _model_card(model_id: str, context_length: int) -> dict:
+def _model_card(model: ServedModel) -> dict:
     # `context_length` is not in OpenAI's card; clients (our chat app among them) read it as vLLM's and
     # OpenRouter's cards give it, to show how full the context is.
-    card = {"id": model_id, "object": "model", "created": 0, "owned_by": "qwen-mlx"}
-    return card | {"context_length": context_length}
+    card = {"id": model.name, "object": "model", "created": 0, "owned_by": "qwen-mlx"}
+    return card | ({"context_length": model.context_length} if model.context_length else {})
 
 
-def _lmstudio_card(model_id: str, scheduler: Scheduler) -> dict:
-    config = scheduler.loaded.config
+def _lmstudio_card(model: ServedModel) -> dict:
+    scheduler = model.scheduler
+    if scheduler is not None:
+        config = scheduler.loaded.config
+    else:
+        try:
+            config = read_config(model.folder) if model.folder is not None else {}
+        except QwenMLXError:
+            config = {}
     block = config.get("quantization") or {}
-    return {
-        "id": model_id,
+    card = {
+        "id": model.name,
         "object": "model",
         "type": "llm",
         "publisher": "qwen-mlx",
         "arch": config.get("model_type", "qwen3"),
         "compatibility_type": "mlx",
         "quantization": f"{block['bits']}bit" if "bits" in block else str(config.get("torch_dtype", "bf16")),
-        "state": "loaded",
-        "max_context_length": scheduler.context_length,
-        "loaded_context_length": scheduler.context_length,
+        "state": "loaded" if scheduler is not None else "not-loaded",
+        "max_context_length": model.context_length or 0,
     }
+    return card | ({"loaded_context_length": scheduler.context_length} if scheduler is not None else {})
 
 
 def _is_ids(prompt) -> bool:

@@ -2,7 +2,7 @@
 whole or as it comes (with keep-alives while a long prompt is prefilled), and the SSE frame.
 
 The server speaks several protocols (OpenAI's Chat Completions, Completions and Responses, Anthropic's
-Messages, Ollama's API) over one scheduler; each protocol's module turns requests into turn plans and
+Messages, Ollama's API) over the same models (`registry`); each protocol's module turns requests into turn plans and
 events into its own JSON, and uses this module for the rest.
 
 Design decisions:
