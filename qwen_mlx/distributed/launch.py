@@ -135,7 +135,10 @@ def stop_ranks(process) -> None:
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-NODE_EXIT = re.compile(r"\[WARN\] Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
+# The launcher prints its note in pieces, which another thread's output can split under load: the note is
+# known by its words alone, and a "[WARN]" left on a line of its own is dropped with it.
+NODE_EXIT = re.compile(r"(?:\[WARN\])?\s*Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
+WARN_ALONE = re.compile(r"^\s*\[WARN\]\s*$")
 PEER_ENDED = "stopped: another rank of the distributed run ended"
 RANK_LINE = re.compile(r"^qwen-mlx: (?:error \(rank (\d+)\)|error|rank (\d+)): (.*)$")
 
@@ -155,7 +158,7 @@ class Relay:
 
     def clean(self, line: str) -> str | None:
         plain = ANSI.sub("", line).rstrip("\n")
-        if line.strip() and not plain.strip():  # colour codes alone (the tail of a wrapped launcher note)
+        if (line.strip() and not plain.strip()) or WARN_ALONE.match(plain):  # a piece of a launcher note
             return None
         if found := NODE_EXIT.search(plain):
             code = int(found[2]) if found[2] else -signal.SIGTERM  # "was killed": mlx.launch stopped it
