@@ -250,6 +250,15 @@ class JsonConstraint:
             words = self._bitmask
         return _apply_bitmask(logits, mx.array(words.view(np.uint8)))
 
+    def admitted(self, last: int, drafts: list[int]) -> int:
+        """How many of `drafts`, to follow `last` (the token just drawn from this mask, not fed yet), the
+        grammar allows in order, without changing the state (llguidance's `validate_tokens`)."""
+        if self._matcher.is_error():
+            return 0
+        if not self._started:
+            return self._matcher.validate_tokens(list(drafts))
+        return max(0, self._matcher.validate_tokens([last, *drafts]) - 1)
+
     def __copy__(self) -> JsonConstraint:
         clone = object.__new__(JsonConstraint)
         clone.__dict__.update(self.__dict__)

@@ -332,7 +332,12 @@ class Generation:
             forced = list(getattr(processor, "forced_next", lambda: [])())[:room] or forced
         if len(forced) >= room:
             return forced[:room]
-        return forced + self.drafter.propose(sequence + forced, room - len(forced))[: room - len(forced)]
+        proposed = self.drafter.propose(sequence + forced, room - len(forced))[: room - len(forced)]
+        if not forced:  # a guide's grammar cuts the drafts at the first token it forbids
+            for processor in stateful:
+                if admitted := getattr(processor, "admitted", None):
+                    proposed = proposed[: admitted(sequence[-1], proposed)]
+        return forced + proposed
 
     def _verify(self, last: int, drafts: list[int], stateful: list) -> tuple[list[int], list[mx.array]]:
         """One target pass over `last` and `drafts`: the kept drafts and the draw after them, with the

@@ -27,7 +27,8 @@ Design decisions:
 - Penalties (repetition, presence, frequency) see the generated tokens only, as OpenAI's and vLLM's do.
 - Speculative decoding scores several positions in one pass and keeps a prefix of them: `snapshot()`
   before a position and `restore()` to the last kept one undo what the rest did; `forced_next()` names
-  the tokens it is about to force, which the engine drafts first.
+  the tokens it is about to force, which the engine drafts first; `admitted()` cuts a draft at the first
+  token the grammar in force forbids (checked without feeding it), so the pass is not spent on it.
 - Reading a token's value costs a wait on the device (the step that sampled it), which would stop the
   engine's pipelining; so the guide reads the sequence only while a decision can depend on it, and
   catches up on what it skipped when one can (a budget that could be reached, an end asked for).
@@ -151,6 +152,14 @@ class TurnGuide:
     def forced_next(self) -> list[int]:
         """Tokens this guide will force at the next steps whatever the model says (the budget's text)."""
         return list(self.queue)
+
+    def admitted(self, last: int, drafts: list[int]) -> int:
+        """How many of `drafts` (proposed to follow `last`, the token just drawn) the grammar now in force
+        allows, in order: drafts stop at the first it forbids, so no pass is spent on them. Outside a
+        grammar, all of them (the target's pass judges those)."""
+        if self.queue or self.constraint is None or self.phase not in (TOOL_JSON, ANSWER):
+            return len(drafts)
+        return self.constraint.admitted(last, drafts)
 
     @property
     def _constrains_answer(self) -> bool:

@@ -23,6 +23,7 @@ from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.sampling import Sampling
 from qwen_mlx.speculative import LOOKUP, DraftModel, PromptLookup
 from qwen_mlx.tokenizer import Tokenizer
+from qwen_mlx.turn import TurnOptions
 
 GREEDY = Sampling(temperature=0)
 WEATHER_TOOLS = [
@@ -175,6 +176,48 @@ class OneDraft:
 
     def propose(self, sequence: list[int], k: int) -> list[int]:
         return [self.token]
+
+
+IM_START = 151644  # <|im_start|>: a special token, which no JSON text can hold
+
+
+def test_the_json_grammar_admits_drafts_up_to_the_first_it_forbids(demo):
+    from qwen_mlx.constrain import JsonConstraint, response_format_grammar
+
+    _, tokenizer = demo
+    constraint = JsonConstraint(tokenizer, response_format_grammar(CAPITAL_SCHEMA), VOCAB_SIZE)
+    constraint(mx.array([1]), mx.zeros((1, VOCAB_SIZE)))  # the first mask; its draw is not fed yet
+    last, *good = tokenizer.encode('{"country": "France", "capital": "Paris"}')
+    assert constraint.admitted(last, good) == len(good)
+    bad = tokenizer.encode('{"country": 5}')[1:]
+    assert 0 < constraint.admitted(last, bad) < len(bad)  # up to the 5, where a string must be
+    assert tokenizer.decode(bad[: constraint.admitted(last, bad)]).rstrip().endswith(":")
+    assert constraint.admitted(last, [IM_START, *good]) == 0
+    assert constraint.admitted(last, good) == len(good)  # checking fed nothing
+
+
+def test_a_draft_the_guide_forbids_is_cut_before_the_pass(demo):
+    """A drafter that always proposes a token no JSON can hold: inside the JSON answer the guide cuts each
+    draft, so those passes verify nothing; before it (thinking) the drafts are proposed and rejected. The
+    tokens are plain decoding's."""
+    model, tokenizer = demo
+    session = ChatSession(model, tokenizer)
+    messages, options = CASES["json"]
+
+    def generate(drafter):
+        plan = session.turns.plan(messages, TurnOptions(sampling=GREEDY, max_tokens=160, **options))
+        generation = Generation(
+            model, plan.prompt_ids, sampler=plan.sampler, logits_processors=plan.processors,
+            max_tokens=plan.max_tokens, end_ids=tokenizer.end_token_ids, drafter=drafter,
+        )  # fmt: skip
+        return list(generation), generation.stats
+
+    plain, _ = generate(None)
+    cut, stats = generate(OneDraft(IM_START))
+    assert cut == plain
+    answer = len(plain) - plain.index(tokenizer.encode("</think>")[0]) - 2  # the JSON after the blank line
+    assert answer > 5
+    assert stats.draft_tokens <= stats.target_passes - 1 - (answer - 1), stats  # none inside the JSON
 
 
 def test_speculative_sampling_keeps_the_targets_next_token_distribution(checkpoint):
