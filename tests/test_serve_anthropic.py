@@ -270,6 +270,8 @@ def test_a_long_prefill_streams_keepalives_in_both_protocols(demo_model_path):
         with httpx.stream("POST", f"{url}/v1/messages", json=body, timeout=TIMEOUT_S) as response:
             named = [line.removeprefix("event: ") for line in response.iter_lines() if line.startswith("event: ")]
         assert named.count("ping") >= 2 and named[-1] == "message_stop", named  # after message_start, and the prefill's
+        # Another long prompt: the same one would come from the prefix cache with no prefill to wait through.
+        body["messages"] = [{"role": "user", "content": "term " * 3000 + "What is 2 + 3?"}]
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=TIMEOUT_S) as response:
             lines = [line for line in response.iter_lines() if line]
         assert ": keep-alive" in lines[: lines.index("data: [DONE]")], lines[:5]
