@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import queue
 import re
 import subprocess
@@ -138,10 +139,18 @@ def demo_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     The folder's parent is laid out like the real cache, so a test may point $QWEN_MLX_CACHE at it.
     """
+    from filelock import FileLock
+
     from qwen_mlx.demo import build, demo_dir
 
-    cache = tmp_path_factory.mktemp("qwen-mlx-cache")
-    return build(out=cache / demo_dir().name)
+    # One build for every pytest-xdist worker of the run: the first trains it, the others wait and reuse it.
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    cache = shared / "qwen-mlx-cache"
+    cache.mkdir(exist_ok=True)
+    with FileLock(str(cache / ".build.lock")):
+        return build(out=cache / demo_dir().name)
 
 
 # The servers `running_server` has running, by base URL: (process, stderr lines), for a test that reads a
