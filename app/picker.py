@@ -31,7 +31,7 @@ from qwen_mlx import memory, models
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.memory import Estimate
 
-LOCAL_COLUMNS = ("NAME", "ARCH", "PARAMS", "BITS", "SIZE", "CONTEXT", "FITS")
+LOCAL_COLUMNS = models.COLUMNS
 ENDPOINT_COLUMNS = ("NAME", "CONTEXT")
 CURRENT_MARK = "●"
 KEYS_HINT = f"{CURRENT_MARK} the current model · ↑↓ move · Enter loads · Esc closes"
@@ -51,22 +51,7 @@ class Choice:
 def entry_cells(entry: models.Entry) -> tuple[str, ...]:
     """The cells `qwen-mlx list` prints for `entry`, in `LOCAL_COLUMNS` order; a model it cannot describe
     gets a short note (the long text is `entry_detail`'s, so one message does not widen the table)."""
-    if entry.info is None:
-        note = "not built yet" if entry.where == "demo" else "unreadable"
-        return (entry.name, note, "", "", "", "", "")
-    info = entry.info
-    params = models.count_text(info.parameters)
-    if info.active_parameters != info.parameters:
-        params += f" ({models.count_text(info.active_parameters)} active)"
-    return (
-        entry.name,
-        info.model_type,
-        params,
-        info.bits,
-        models.size_text(info.disk_bytes),
-        models.context_text(info.shape.context_length),
-        models.fit_text(entry.fit),
-    )
+    return models.entry_row(entry, note="not built yet" if entry.where == "demo" else "unreadable")
 
 
 def entry_detail(entry: models.Entry) -> str:

@@ -503,12 +503,16 @@ def build(
 
 def ensure_demo(log: Log | None = None) -> Path:
     """The demo model's folder in the cache, built on first use (under a minute, once per scripts version)."""
-    folder = demo_dir()
-    if is_built(folder, folder.name.removeprefix("demo-")):
+    return _ensure(demo_dir(), "demo", build, log)
+
+
+def _ensure(folder: Path, kind: str, make: Callable[..., Path], log: Log | None) -> Path:
+    """`folder` (`<kind>-<fingerprint>`) if built as its name says, else built there by `make`."""
+    if is_built(folder, folder.name.removeprefix(f"{kind}-")):
         return folder
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    log(f"building the demo model in {folder} (once)")
-    return build(folder, force=True, log=log)
+    log(f"building the {kind} model in {folder} (once)")
+    return make(folder, force=True, log=log)
 
 
 def build_coder(out: str | Path | None = None, force: bool = False, log: Log = print) -> Path:
@@ -519,9 +523,4 @@ def build_coder(out: str | Path | None = None, force: bool = False, log: Log = p
 
 def ensure_demo_coder(log: Log | None = None) -> Path:
     """The demo-coder model's folder in the cache, built on first use like the demo's."""
-    folder = demo_coder_dir()
-    if is_built(folder, folder.name.removeprefix("demo-coder-")):
-        return folder
-    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    log(f"building the demo-coder model in {folder} (once)")
-    return build_coder(folder, force=True, log=log)
+    return _ensure(demo_coder_dir(), "demo-coder", build_coder, log)

@@ -203,20 +203,25 @@ def fit_text(fit: Estimate | None) -> str:
     return f"{verdict} ({size_text(fit.total)} of {size_text(fit.budget)} at {context_text(fit.context)})"
 
 
+COLUMNS = ("NAME", "ARCH", "PARAMS", "BITS", "SIZE", "CONTEXT", "FITS")
+
+
+def entry_row(e: Entry, note: str | None = None) -> tuple[str, ...]:
+    """`list`'s cells for one entry (`COLUMNS`); a model it cannot describe gets `note` (else why) in ARCH."""
+    if e.info is None:
+        build = "qwen-mlx demo build" + (" --coder" if e.name == "demo-coder" else "")
+        why = f"built on first use ({build})" if e.where == "demo" else f"unreadable: {e.error}"
+        return (e.name, note or why, "", "", "", "", "")
+    i = e.info
+    params = count_text(i.parameters)
+    if i.active_parameters != i.parameters:
+        params += f" ({count_text(i.active_parameters)} active)"
+    return (e.name, i.model_type, params, i.bits, size_text(i.disk_bytes),
+            context_text(i.shape.context_length), fit_text(e.fit))  # fmt: skip
+
+
 def format_table(entries: list[Entry]) -> str:
-    rows = [("NAME", "ARCH", "PARAMS", "BITS", "SIZE", "CONTEXT", "FITS")]
-    for e in entries:
-        if e.info is None:
-            build = "qwen-mlx demo build" + (" --coder" if e.name == "demo-coder" else "")
-            note = f"built on first use ({build})" if e.where == "demo" else f"unreadable: {e.error}"
-            rows.append((e.name, note, "", "", "", "", ""))
-            continue
-        i = e.info
-        params = count_text(i.parameters)
-        if i.active_parameters != i.parameters:
-            params += f" ({count_text(i.active_parameters)} active)"
-        rows.append((e.name, i.model_type, params, i.bits, size_text(i.disk_bytes),
-                     context_text(i.shape.context_length), fit_text(e.fit)))  # fmt: skip
+    rows = [COLUMNS, *(entry_row(e) for e in entries)]
     # A note (not built, unreadable) runs on past the ARCH column instead of widening it; its name still counts.
     widths = [max(len(row[c]) for row in rows if c != 1 or len(row[1]) < 40) for c in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)

@@ -159,14 +159,19 @@ SERVERS: dict[str, tuple[subprocess.Popen, list[str]]] = {}
 
 
 @contextlib.contextmanager
-def running_server(model: Path | str, *options: str, timeout: float = 180) -> Iterator[str]:
+def running_server(
+    model: Path | str | None, *options: str, timeout: float = 180, env: dict[str, str] | None = None
+) -> Iterator[str]:
     """`qwen-mlx serve` in a subprocess on a free loopback port; yields its base URL (http://127.0.0.1:PORT).
 
-    The server prints `serving <id> at http://HOST:PORT/v1` on stderr once it listens; its stderr is kept
-    in `server.log` lines for a failing test to show.
+    `model` None leaves `--model` to `options` (none: every model `list` shows); `env` adds to the
+    environment. The server prints `serving <id> at http://HOST:PORT/v1` on stderr once it listens; its
+    stderr is kept in `SERVERS[url]` lines for a failing test to show.
     """
-    command = [sys.executable, "-m", "qwen_mlx", "serve", "--model", str(model), "--port", "0", *options]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    chosen = [] if model is None else ["--model", str(model)]
+    command = [sys.executable, "-m", "qwen_mlx", "serve", *chosen, "--port", "0", *options]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                               env={**os.environ, **env} if env else None)  # fmt: skip
     lines: list[str] = []
     found: queue.Queue[str] = queue.Queue()
 

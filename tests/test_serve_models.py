@@ -9,12 +9,8 @@ import asyncio
 import contextlib
 import json
 import os
-import queue
 import re
 import shutil
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +20,7 @@ import anthropic
 import httpx
 import ollama
 import pytest
+from conftest import SERVERS, running_server
 from openai import OpenAI
 
 from qwen_mlx.registry import GIB, Registry, ServedModel, shape_facts
@@ -64,31 +61,8 @@ def two_of_three(homes: dict[str, str]) -> int:
 @contextlib.contextmanager
 def serving(*options: str, env: dict[str, str]) -> Iterator[tuple[str, list[str]]]:
     """`qwen-mlx serve OPTIONS` on a free loopback port: (base URL, its stderr lines so far and to come)."""
-    command = [sys.executable, "-m", "qwen_mlx", "serve", "--port", "0", *options]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                               env={**os.environ, **env})  # fmt: skip
-    lines: list[str] = []
-    found: queue.Queue[str] = queue.Queue()
-
-    def drain() -> None:
-        for line in process.stderr:
-            lines.append(line)
-            if match := re.search(r"serving .* at (http://\S+)/v1", line):
-                found.put(match.group(1))
-        found.put("")
-
-    threading.Thread(target=drain, daemon=True).start()
-    try:
-        url = found.get(timeout=TIMEOUT_S)
-        assert url, "the server did not start:\n" + "".join(lines)
-        yield url, lines
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with running_server(None, *options, env=env) as url:
+        yield url, SERVERS[url][1]
 
 
 def loaded(url: str) -> list[str]:
