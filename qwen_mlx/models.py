@@ -304,6 +304,9 @@ def removal_target(name: str) -> tuple[str, Path]:
     return "models", candidate
 
 
+REMOVING = ".removing-"  # the prefix a model folder is renamed to while `rm` deletes it
+
+
 def remove(name: str, confirm: Callable[[str], bool]) -> Path:
     """Delete model `name` once `confirm(question)` agrees; returns what was removed."""
     where, target = removal_target(name)
@@ -322,7 +325,9 @@ def remove(name: str, confirm: Callable[[str], bool]) -> Path:
     if target.is_symlink():  # a link inside the folder: remove the link, never what it points to
         target.unlink()
         return target
-    aside = target.with_name(f".removing-{target.name}")
-    target.rename(aside)
+    aside = target.with_name(f"{REMOVING}{target.name}")
+    target.rename(aside)  # one step out of sight: `list` skips dot-folders, so a half-deleted model never shows
     shutil.rmtree(aside)
+    for stale in target.parent.glob(f"{REMOVING}*"):  # what an interrupted `rm` left (the rename had happened)
+        shutil.rmtree(stale, ignore_errors=True)
     return target

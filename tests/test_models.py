@@ -136,7 +136,9 @@ def test_rm_removes_only_what_is_in_its_folders(checkpoint, homes, tmp_path, mon
     shutil.copytree(checkpoint("dense_tied"), models / "again")
     no_terminal = run_cli("rm", "again", env=homes, stdin="y\n")
     assert no_terminal.returncode == 1 and "--yes" in no_terminal.stderr and (models / "again").is_dir()
+    shutil.copytree(checkpoint("dense_tied"), models / ".removing-killed")  # an rm killed after its rename
     assert run_cli("rm", "again", "--yes", env=homes).returncode == 0 and not (models / "again").exists()
+    assert not (models / ".removing-killed").exists()  # the next rm finishes what the killed one began
 
 
 def test_rm_deletes_a_hub_cache_repo_through_huggingface_hub(checkpoint, homes) -> None:
