@@ -189,6 +189,37 @@ def test_a_tool_call_arrives_as_openai_tool_calls_with_typed_arguments(client: O
 
 
 @slow
+def test_every_protocol_gets_the_xml_call_as_its_own_typed_tool_call(client: OpenAI) -> None:
+    """Anthropic Messages, Ollama's chat (streamed and not) and OpenAI Responses, on the same server."""
+    import anthropic
+    import ollama
+
+    url = str(client.base_url).removesuffix("/v1/")
+    prompt, (name, arguments) = WEATHER[0]["content"], WEATHER_CALL
+    claude = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0)
+    as_claude = [{"name": t["function"]["name"], "description": t["function"]["description"],
+                  "input_schema": t["function"]["parameters"]} for t in TOOLS]  # fmt: skip
+    message = claude.messages.create(model="demo-coder", max_tokens=200, messages=WEATHER, tools=as_claude,
+                                     extra_body=GREEDY)  # fmt: skip
+    assert message.stop_reason == "tool_use"
+    assert [(b.type, b.name, b.input) for b in message.content] == [("tool_use", name, arguments)]
+    with claude.messages.stream(model="demo-coder", max_tokens=200, messages=WEATHER, tools=as_claude,
+                                extra_body=GREEDY) as stream:  # fmt: skip
+        assert [(b.type, b.input) for b in stream.get_final_message().content] == [("tool_use", arguments)]
+    local = ollama.Client(host=url)
+    reply = local.chat(model="demo-coder", messages=WEATHER, tools=TOOLS, options=GREEDY)
+    assert reply.message.content == ""
+    assert [(c.function.name, c.function.arguments) for c in reply.message.tool_calls] == [WEATHER_CALL]
+    chunks = list(local.chat(model="demo-coder", messages=WEATHER, tools=TOOLS, options=GREEDY, stream=True))
+    assert not any(tag in (c.message.content or "") for c in chunks for tag in RAW_XML)
+    calls = [(t.function.name, t.function.arguments) for c in chunks for t in c.message.tool_calls or ()]
+    assert calls == [WEATHER_CALL]
+    response = client.responses.create(model="demo-coder", input=prompt, tools=[{"type": "function", **t["function"]}
+                                                                                 for t in TOOLS], **GREEDY)  # fmt: skip
+    assert [(i.type, i.name, json.loads(i.arguments)) for i in response.output] == [("function_call", *WEATHER_CALL)]
+
+
+@slow
 def test_a_streamed_tool_call_leaks_no_xml_into_content(client: OpenAI) -> None:
     """The parser holds the call until `</tool_call>`; then the name comes, then the arguments whole."""
     stream = client.chat.completions.create(model="demo-coder", messages=WEATHER, tools=TOOLS, stream=True, **GREEDY)
