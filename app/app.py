@@ -224,12 +224,14 @@ class ChatApp(App):
         return not last.content.strip()
 
     def _demo_prompts(self) -> list[str]:
-        """The first questions of the demo's scripts (what it can answer), when the demo model is served."""
-        if self.source.endpoint or (self.source.model or "demo") != "demo":
+        """The first questions of a demo model's scripts (what it can answer), when one is served."""
+        model = self.source.model or "demo"
+        if self.source.endpoint or model not in ("demo", "demo-coder"):
             return []
-        from qwen_mlx.demo import SCRIPTS
+        from qwen_mlx.demo import CODER_SCRIPTS, SCRIPTS
 
-        prompts = [s["messages"][0]["content"] for s in SCRIPTS if not s.get("tools") and "enable_thinking" not in s]
+        scripts = SCRIPTS if model == "demo" else CODER_SCRIPTS
+        prompts = [s["messages"][0]["content"] for s in scripts if not s.get("tools") and "enable_thinking" not in s]
         return list(dict.fromkeys(prompts))
 
     async def say(self, text: str, error: bool = False) -> None:

@@ -16,6 +16,7 @@ from typing import Protocol
 import mlx.core as mx
 
 from qwen_mlx.chat import ChatSession
+from qwen_mlx.loader import DEMO_NAMES
 from qwen_mlx.memory import MemoryWarning
 from qwen_mlx.sampling import Sampling
 from qwen_mlx.turn import ChatEvent
@@ -65,14 +66,14 @@ class LocalBackend:
         num_draft_tokens: int | None = None,
         progress: Callable[[str], None] | None = None,
     ) -> LocalBackend:
-        """Load a model folder, a Hub repo id or `demo`; raises QwenMLXError with one readable line.
+        """Load a model folder, a Hub repo id, `demo` or `demo-coder`; raises QwenMLXError with one readable line.
 
         `progress` hears about slow first-time work (training the demo model takes about a minute).
         """
-        if model == "demo" and not Path(model).exists() and progress is not None:
-            from qwen_mlx.demo import ensure_demo
+        if model in DEMO_NAMES and not Path(model).exists() and progress is not None:
+            from qwen_mlx.demo import ensure_demo, ensure_demo_coder
 
-            ensure_demo(log=progress)
+            (ensure_demo if model == "demo" else ensure_demo_coder)(log=progress)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", MemoryWarning)
             speculation = {"num_draft_tokens": num_draft_tokens} if num_draft_tokens else {}

@@ -208,4 +208,9 @@ def test_fit_estimate_for_a_name_and_help(models_home, monkeypatch):
     assert fit is not None and fit.budget == SMALL_BUDGET and too_big(fit)
     assert local_fit(str(models_home / "models" / TINY)).total == fit.total  # a folder path: the same model
     assert local_fit("nobody/not-downloaded") is None and not too_big(None)  # unknown: loads without asking
+    from qwen_mlx.demo import demo_coder_dir
+
+    assert local_fit("demo-coder") is None  # not built yet: built on load, without asking
+    demo_coder_dir().symlink_to((models_home / "models" / TINY).resolve())  # a stand-in for a built one
+    assert local_fit("demo-coder").total == fit.total
     assert "| `/model [NAME]` | no name: choose from a list" in commands.help_markdown(KEYS)

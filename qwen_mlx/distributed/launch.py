@@ -58,7 +58,7 @@ def _config_here(model: str, revision: str | None, required: bool) -> dict | Non
     """The model's config.json. When the ranks run here (`required`), the model is found (a Hub repo
     downloaded once, not once per rank) or the error said; on several Macs, where the folder need only
     exist on the hosts that run the ranks, only what this host already has is read, or None."""
-    if Path(model).expanduser().is_dir() or model == "demo" or required:
+    if Path(model).expanduser().is_dir() or model in loader.DEMO_NAMES or required:
         return checkpoint.read_config(loader.resolve_model_path(model, revision))
     if not loader.is_hub_repo(model):
         return None
