@@ -476,8 +476,8 @@ def _names(served, most: int = 4) -> str:
 def served_models(args: argparse.Namespace) -> list:
     """The models a server of several serves (`ServedModel`s): every `--model` given, else every model
     `qwen-mlx list` shows (an unreadable one is left out, with a line saying why); `--alias NAME=MODEL`."""
-    from .demo import demo_dir
-    from .loader import find_named, is_hub_repo, resolve_model_path
+    from .demo import demo_coder_dir, demo_dir
+    from .loader import DEMO_NAMES, find_named, is_hub_repo, resolve_model_path
     from .models import hub_cache_models, list_models
     from .registry import ServedModel, shape_facts
 
@@ -488,16 +488,17 @@ def served_models(args: argparse.Namespace) -> list:
                 print(f"qwen-mlx: leaving out {entry.name}: {entry.error}", file=sys.stderr, flush=True)
                 continue
             folder = entry.folder
-            source = "demo" if entry.where == "demo" else str(folder)
+            source = str(folder) if folder is not None else entry.name  # a demo model not built yet: built when asked
             memory = entry.fit.total if entry.fit is not None else None
             context = entry.info.shape.context_length if entry.info is not None else None
             names = (str(folder), folder.name) if entry.where == "models" else (str(folder),) if folder else ()
             served.append(ServedModel(entry.name, source, folder, names, memory=memory, context_length=context))
     hub = dict(hub_cache_models()) if any(is_hub_repo(m) for m in args.models) else {}
     for given in args.models:
-        if given == "demo" and not os.path.isdir(given):
-            folder = demo_dir() if (demo_dir() / "config.json").is_file() else None
-            name = "demo"
+        if given in DEMO_NAMES and not os.path.isdir(given):
+            built = demo_dir() if given == "demo" else demo_coder_dir()
+            folder = built if (built / "config.json").is_file() else None
+            name = given
         elif os.path.isdir(given):
             folder, name = Path(given), os.path.basename(os.path.abspath(given))
         elif isinstance(found := find_named(given), Path):

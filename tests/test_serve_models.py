@@ -256,3 +256,26 @@ def test_a_load_waits_for_a_busy_model_never_unloads_it_and_gives_up_with_a_503(
         asyncio.run(small.get("tiny-a"))
     assert too_large.value.status == 503 and too_large.value.code == "model_too_large"
     assert "--memory-budget" in too_large.value.message and not small.loaded()
+
+
+def test_both_demo_models_are_served_from_their_own_folders(homes, tmp_path):
+    """With no --model, `demo` and `demo-coder` (built: here, tiny stand-ins under their folder names) load
+    from their own folders, neither from the other's nor rebuilt."""
+    from qwen_mlx import demo
+
+    cache = tmp_path / "qwen-mlx"
+    cache.mkdir()
+    (cache / demo.demo_dir().name).symlink_to(folder(homes, "tiny-a"))
+    (cache / demo.demo_coder_dir().name).symlink_to(folder(homes, "tiny-b"))
+    with serving(env={**homes, "QWEN_MLX_CACHE": str(cache)}) as (url, lines):
+        openai = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT_S)
+        assert sorted(m.id for m in openai.models.list().data) == ["demo", "demo-coder"]
+        for name in ("demo-coder", "demo"):
+            reply = openai.chat.completions.create(model=name, messages=USER, max_tokens=2, temperature=0)
+            assert reply.model == name
+        sizes = {m["id"]: m["size"] for m in httpx.get(f"{url}/api/ps", timeout=TIMEOUT_S).json()["models"]}
+    assert sizes == {
+        "demo": shape_facts(folder(homes, "tiny-a"))[0],
+        "demo-coder": shape_facts(folder(homes, "tiny-b"))[0],
+    }
+    assert count(lines, "building") == 0, lines
