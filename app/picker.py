@@ -104,15 +104,14 @@ def local_folder(name: str) -> Path | None:
     """The folder `name` loads from when it is already on this machine; None when it would be downloaded."""
     from huggingface_hub import try_to_load_from_cache
 
-    from qwen_mlx.demo import demo_coder_dir, demo_dir
-    from qwen_mlx.loader import REPO_ID, find_named
+    from qwen_mlx.demo import built_dir
+    from qwen_mlx.loader import DEMO_NAMES, REPO_ID, find_named
 
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    if name in ("demo", "demo-coder"):
-        folder = demo_dir() if name == "demo" else demo_coder_dir()
-        return folder if (folder / "config.json").is_file() else None
+    if name in DEMO_NAMES:
+        return built_dir(name)
     named = find_named(name)
     if isinstance(named, Path):
         return named

@@ -370,8 +370,6 @@ def serve(args: argparse.Namespace) -> int:
     several = len(args.models) != 1
     if several and args.model_name:
         raise QwenMLXError("--model-name names the one model served: with several, each keeps its own name")
-    if getattr(args, "distributed", None) and (several or args.ttl is not None):
-        raise QwenMLXError("--distributed serves one model for the server's life: give one --model, no --ttl")
     hosts = transport.allowed_hosts(args.host, args.allowed_hosts)
     transport.raise_fd_limit()  # before the model's files open
     if getattr(args, "distributed", None) and os.environ.get("MLX_RANK") != "0":
@@ -476,7 +474,7 @@ def _names(served, most: int = 4) -> str:
 def served_models(args: argparse.Namespace) -> list:
     """The models a server of several serves (`ServedModel`s): every `--model` given, else every model
     `qwen-mlx list` shows (an unreadable one is left out, with a line saying why); `--alias NAME=MODEL`."""
-    from .demo import demo_coder_dir, demo_dir
+    from .demo import built_dir
     from .loader import DEMO_NAMES, find_named, is_hub_repo, resolve_model_path
     from .models import hub_cache_models, list_models
     from .registry import ServedModel, shape_facts
@@ -496,9 +494,7 @@ def served_models(args: argparse.Namespace) -> list:
     hub = dict(hub_cache_models()) if any(is_hub_repo(m) for m in args.models) else {}
     for given in args.models:
         if given in DEMO_NAMES and not os.path.isdir(given):
-            built = demo_dir() if given == "demo" else demo_coder_dir()
-            folder = built if (built / "config.json").is_file() else None
-            name = given
+            folder, name = built_dir(given), given
         elif os.path.isdir(given):
             folder, name = Path(given), os.path.basename(os.path.abspath(given))
         elif isinstance(found := find_named(given), Path):
@@ -544,7 +540,7 @@ def ps(args: argparse.Namespace) -> int:
     """`qwen-mlx ps`: what a running server has loaded (its `/api/ps`), as a table like `list`'s."""
     import httpx
 
-    from .models import context_text, size_text
+    from .models import context_text, size_text, table_text
 
     if args.api_key and args.api_key_file:
         raise QwenMLXError("--api-key and --api-key-file both give the key: keep one")
@@ -570,8 +566,7 @@ def ps(args: argparse.Namespace) -> int:
         context = model.get("context_length")
         rows.append((model.get("id") or model.get("name", "?"), size_text(model.get("size") or 0),
                      context_text(context) if context else "?", idle))  # fmt: skip
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    print("\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows))
+    print(table_text(rows))
     return 0
 
 
@@ -927,8 +922,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if distributed:
             if args.peer_timeout is not None:
                 os.environ["QWEN_MLX_PEER_TIMEOUT"] = str(args.peer_timeout)
-            if args.command == "serve" and len(args.models) != 1:
-                raise QwenMLXError("--distributed serves one model: give one --model")
+            if args.command == "serve" and (len(args.models) != 1 or args.ttl is not None):  # before any rank starts
+                raise QwenMLXError("--distributed serves one model for the server's life: give one --model, no --ttl")
             if rank is None and args.command != "chat":  # the launching process: start every rank
                 from .distributed import launch, preflight
 

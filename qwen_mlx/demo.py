@@ -353,6 +353,12 @@ def demo_coder_dir() -> Path:
     return cache_root() / f"demo-coder-{fingerprint(CODER_SCRIPTS, CODER_TEMPLATE)}"
 
 
+def built_dir(name: str) -> Path | None:
+    """The folder of `demo` or `demo-coder` in the cache if one is built there (it holds config.json), else None."""
+    folder = demo_dir() if name == "demo" else demo_coder_dir()
+    return folder if (folder / "config.json").is_file() else None
+
+
 def read_marker(folder: Path) -> dict | None:
     try:
         marker = json.loads((folder / MARKER_FILE).read_text(encoding="utf-8"))

@@ -153,13 +153,10 @@ def hub_cache_models() -> list[tuple[str, Path]]:
 
 def list_models(budget: int | None = None) -> list[Entry]:
     """Every model this machine can run: the demo, the models folder, the Hub cache's Qwen3 repos."""
-    from .demo import demo_coder_dir, demo_dir
+    from .demo import built_dir
 
     budget = memory_budget() if budget is None else budget
-    entries = [
-        Entry(name, "demo", folder if (folder / "config.json").is_file() else None)
-        for name, folder in (("demo", demo_dir()), ("demo-coder", demo_coder_dir()))
-    ]
+    entries = [Entry(name, "demo", built_dir(name)) for name in DEMO_NAMES]
     root = models_dir()
     if root.is_dir():
         entries += [
@@ -221,9 +218,14 @@ def entry_row(e: Entry, note: str | None = None) -> tuple[str, ...]:
 
 
 def format_table(entries: list[Entry]) -> str:
-    rows = [COLUMNS, *(entry_row(e) for e in entries)]
     # A note (not built, unreadable) runs on past the ARCH column instead of widening it; its name still counts.
-    widths = [max(len(row[c]) for row in rows if c != 1 or len(row[1]) < 40) for c in range(len(rows[0]))]
+    return table_text([COLUMNS, *(entry_row(e) for e in entries)], spills=1)
+
+
+def table_text(rows: list[tuple[str, ...]], spills: int | None = None) -> str:
+    """`rows` in left-aligned columns two spaces apart; a cell of 40 or more characters in column `spills`
+    runs on past it instead of widening it."""
+    widths = [max(len(row[c]) for row in rows if c != spills or len(row[c]) < 40) for c in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
