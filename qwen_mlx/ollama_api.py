@@ -646,9 +646,8 @@ def add_routes(app, models, settings) -> None:
             described[id(scheduler)] = await asyncio.to_thread(Description, scheduler, model.name)
         return described[id(scheduler)]
 
-    async def loading(body: _Request, chat: bool) -> dict:
+    async def loading(body: _Request, model, chat: bool) -> dict:
         """Ollama's load call (no messages, no prompt): loads the model, or with `keep_alive: 0` unloads it."""
-        model = resolve(body.model)
         if _keep_alive_zero(body.keep_alive):
             await models.unload(model)
             reason = "unload"
@@ -658,9 +657,9 @@ def add_routes(app, models, settings) -> None:
         fields = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
         return {"model": body.model, "created_at": created_at(), **fields, "done": True, "done_reason": reason}
 
-    async def run(body: _Request, request: Request, plan, chat: bool):
+    async def run(body: _Request, model, request: Request, plan, chat: bool):
         clock = Clock()
-        scheduler = (await models.acquire(resolve(body.model))).scheduler
+        scheduler = (await models.acquire(model)).scheduler
         try:
             turn = await asyncio.to_thread(plan, scheduler.turns, body)
         except QwenMLXError as e:  # the guide names OpenAI's field; the client sent `format`
@@ -683,18 +682,18 @@ def add_routes(app, models, settings) -> None:
 
     @app.post("/api/chat", responses=BUSY)
     async def ollama_chat(body: OllamaChatRequest, request: Request):
-        resolve(body.model)
+        model = resolve(body.model)
         if not body.messages:
-            return await loading(body, chat=True)
-        return await run(body, request, plan_chat, chat=True)
+            return await loading(body, model, chat=True)
+        return await run(body, model, request, plan_chat, chat=True)
 
     @app.post("/api/generate", responses=BUSY)
     async def ollama_generate(body: OllamaGenerateRequest, request: Request):
-        resolve(body.model)
+        model = resolve(body.model)
         _check_generate(body)
         if not body.prompt:
-            return await loading(body, chat=False)
-        return await run(body, request, plan_generate, chat=False)
+            return await loading(body, model, chat=False)
+        return await run(body, model, request, plan_generate, chat=False)
 
     @app.get("/api/tags")
     async def ollama_tags() -> dict:

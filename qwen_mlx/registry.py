@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from .models import size_text
 from .scheduler import Scheduler
 from .wire import APIError
 
@@ -88,10 +89,6 @@ def shape_facts(folder: Path | None) -> tuple[int | None, int | None]:
     except (QwenMLXError, OSError):
         return None, None
     return estimate(shape, min(shape.context_length, LIST_CONTEXT)).total, shape.context_length
-
-
-def gib(n: int | None) -> str:
-    return "?" if n is None else f"{n / GIB:.2f} GiB"
 
 
 class Registry:
@@ -155,12 +152,16 @@ class Registry:
 
     # --- loading -----------------------------------------------------------------------------------------
 
-    async def get(self, name: str | None) -> ServedModel:
-        """The model `name` names, loaded, held until the request's answer is sent; raises the 404."""
+    def named(self, name: str | None) -> ServedModel:
+        """`find(name)`, or the 404 (400 with no name) that says what is served."""
         model = self.find(name)
         if model is None:
             raise self.not_found(name)
-        return await self.acquire(model)
+        return model
+
+    async def get(self, name: str | None) -> ServedModel:
+        """The model `name` names, loaded, held until the request's answer is sent; raises the 404."""
+        return await self.acquire(self.named(name))
 
     async def acquire(self, model: ServedModel) -> ServedModel:
         """`model` loaded (loading it, and making room for it, if need be) and held by the request."""
@@ -197,7 +198,7 @@ class Registry:
             raise APIError(500, f"could not load the model {model.name!r}: {reason}", "server_error",
                            param="model", code="model_load_failed") from None  # fmt: skip
         if model.memory is None:
-            model.memory, model.context_length = shape_facts(Path(scheduler.loaded.path))
+            model.memory = shape_facts(Path(scheduler.loaded.path))[0]
         model.context_length = scheduler.context_length
         model.scheduler, model.loaded_at, model.last_used = scheduler, time.monotonic(), time.monotonic()
         self.log(f"qwen-mlx: loaded {model.name} in {time.perf_counter() - started:.1f} s")
@@ -207,8 +208,8 @@ class Registry:
         if self.budget is None or model.memory is None:
             return
         if model.memory > self.budget:
-            raise APIError(503, f"{model.name} needs about {gib(model.memory)} and the memory budget is "
-                           f"{gib(self.budget)}: serve with a larger --memory-budget", "server_error",
+            raise APIError(503, f"{model.name} needs about {size_text(model.memory)} and the memory budget is "
+                           f"{size_text(self.budget)}: serve with a larger --memory-budget", "server_error",
                            code="model_too_large")  # fmt: skip
         deadline = time.monotonic() + self.load_wait_s
         while self.used() + model.memory > self.budget:
@@ -219,9 +220,9 @@ class Registry:
             left = deadline - time.monotonic()
             busy = ", ".join(m.name for m in self.loaded())
             if left <= 0:
-                raise APIError(503, f"{model.name} needs about {gib(model.memory)} of the {gib(self.budget)} "
-                               f"memory budget, and the loaded models ({busy}) are all answering requests: try "
-                               "again shortly", "server_error", code="model_busy")  # fmt: skip
+                raise APIError(503, f"{model.name} needs about {size_text(model.memory)} of the "
+                               f"{size_text(self.budget)} memory budget, and the loaded models ({busy}) are all "
+                               "answering requests: try again shortly", "server_error", code="model_busy")  # fmt: skip
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._change().wait(), left)
 

@@ -397,12 +397,6 @@ def create_app(models: Registry | Scheduler, settings: Settings, *, api_key: str
             raise APIError(400, "this server has no draft model: start it with --draft-model M, or ask for "
                            '{"draft": "lookup"}', param="speculative.draft")  # fmt: skip
 
-    def find(name: str) -> ServedModel:
-        model = registry.find(name)
-        if model is None:
-            raise registry.not_found(name)
-        return model
-
     @app.get("/health")
     async def health() -> dict:
         named = registry.models[0].name if registry.single else None
@@ -415,7 +409,7 @@ def create_app(models: Registry | Scheduler, settings: Settings, *, api_key: str
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> dict:
-        return _model_card(find(model))
+        return _model_card(registry.named(model))
 
     @app.get("/api/v0/models")
     async def lmstudio_models() -> dict:
@@ -424,7 +418,7 @@ def create_app(models: Registry | Scheduler, settings: Settings, *, api_key: str
 
     @app.get("/api/v0/models/{model:path}")
     async def lmstudio_model(model: str) -> dict:
-        return await asyncio.to_thread(_lmstudio_card, find(model))
+        return await asyncio.to_thread(_lmstudio_card, registry.named(model))
 
     @app.post("/v1/chat/completions", responses=BUSY)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
