@@ -399,7 +399,7 @@ Chat template: its own (`chat_template` in tokenizer_config.json), not Qwen3's; 
 def with_template(tokenizer: Tokenizer, template: str) -> Tokenizer:
     """The same tokenizer rendering prompts with another chat template."""
     try:
-        return Tokenizer(tokenizer._tokenizer, template, tokenizer.end_token_ids, tokenizer._special)
+        return tokenizer.with_chat_template(template)
     except TemplateError as e:
         raise QwenMLXError(f"the demo's chat template is not valid Jinja ({e})") from None
 

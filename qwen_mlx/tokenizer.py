@@ -108,6 +108,11 @@ class Tokenizer:
         self.tool_call_start_id = self.token_id("<tool_call>")
         self.tool_call_end_id = self.token_id("</tool_call>")
 
+    def with_chat_template(self, chat_template: str) -> Tokenizer:
+        """The same vocabulary and special tokens rendering prompts with `chat_template` (a TemplateError if
+        it is not valid Jinja)."""
+        return Tokenizer(self._tokenizer, chat_template, self.end_token_ids, self._special)
+
     @classmethod
     def load(cls, folder: str | Path) -> Tokenizer:
         folder = Path(folder)
