@@ -319,6 +319,7 @@ class Turns:
             parallel_tool_calls=o.parallel_tool_calls,
             response_format=o.response_format,
             penalties=sampling.logits_processors(self.vocab_size),
+            tool_format=self.tool_format,
         )
         return TurnPlan(
             prompt_ids=prompt_ids,
