@@ -131,8 +131,7 @@ def local_fit(name: str) -> Estimate | None:
         info = models.read_model(folder)
     except (QwenMLXError, OSError):
         return None  # the load itself says what is wrong with it
-    context = min(info.shape.context_length, models.LIST_CONTEXT)
-    return memory.estimate(info.shape, context, budget=memory.memory_budget())
+    return models.list_fit(info.shape, memory.memory_budget())
 
 
 class ModelPicker(ModalScreen[Choice | None]):

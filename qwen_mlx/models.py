@@ -173,9 +173,14 @@ def list_models(budget: int | None = None) -> list[Entry]:
         except QwenMLXError as error:
             entry.error = str(error)
             continue
-        context = min(entry.info.shape.context_length, LIST_CONTEXT)
-        entry.fit = estimate(entry.info.shape, context, budget=budget)
+        entry.fit = list_fit(entry.info.shape, budget)
     return entries
+
+
+def list_fit(shape: ModelShape, budget: int | None = None) -> Estimate:
+    """The fit `list` shows (and the picker and a server's budget count): the estimate at the model's own
+    context, capped at `LIST_CONTEXT`, against `budget`."""
+    return estimate(shape, min(shape.context_length, LIST_CONTEXT), budget=budget)
 
 
 def count_text(n: int) -> str:

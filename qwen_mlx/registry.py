@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from .models import size_text
+from .errors import QwenMLXError
+from .models import list_fit, read_model, size_text
 from .scheduler import Scheduler
 from .wire import APIError
 
@@ -78,17 +79,13 @@ class ServedModel:
 
 def shape_facts(folder: Path | None) -> tuple[int | None, int | None]:
     """(the memory estimate `list` prints, the context length) of the model in `folder`; Nones if unreadable."""
-    from .errors import QwenMLXError
-    from .memory import estimate
-    from .models import LIST_CONTEXT, read_model
-
     if folder is None:
         return None, None
     try:
         shape = read_model(folder).shape
     except (QwenMLXError, OSError):
         return None, None
-    return estimate(shape, min(shape.context_length, LIST_CONTEXT)).total, shape.context_length
+    return list_fit(shape).total, shape.context_length
 
 
 class Registry:
